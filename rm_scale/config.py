@@ -1,0 +1,85 @@
+"""`RewardConfig`: transformers' `TrainingArguments` plus the reward-model fields, used exactly like TRL's."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from transformers import TrainingArguments
+
+
+@dataclass
+class RewardConfig(TrainingArguments):
+    """Configuration of `RewardTrainer`; every `TrainingArguments` field keeps its meaning.
+
+    Differences from `TrainingArguments` defaults, each for a reason:
+    - `remove_unused_columns=False`: the pair columns are not arguments of the model's `forward`.
+    - `ddp_backend` defaults to "gloo" when launched on several processes without a GPU: Accelerate only picks a backend for GPU-like devices,
+      and without one each process believes it is alone and trains on all the data.
+    """
+
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Longest tokenised sequence (prompt + response, per side). Pairs with a longer side are dropped "
+            "(and counted) when text is tokenised; pre-tokenised rows longer than this raise. None: no limit."
+        },
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the centering term mean((r_chosen + r_rejected)^2) (Eisenstein et al. 2023) that "
+            "pushes rewards towards mean zero. None or 0: off."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Set every dropout probability of the model to 0 (deterministic rewards, as TRL does)."},
+    )
+    score_head_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of a freshly initialised score head (only when the checkpoint has none). Fixed so the head "
+            "does not depend on the world size or on the global RNG."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenise a map-style dataset (datasets.map num_proc)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the pair columns are consumed by the trainer, not by the model's forward."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.ddp_backend is None and not torch.cuda.is_available() and _launched_world_size() > 1:
+            self.ddp_backend = "gloo"
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"RewardConfig.max_length must be >= 2 or None, got {self.max_length}.")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(
+                f"RewardConfig.center_rewards_coefficient must be >= 0 (or None to disable), got "
+                f"{self.center_rewards_coefficient}."
+            )
+        super().__post_init__()
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        # With `deepspeed=<json>` transformers initialises the process group through DeepSpeed and passes no backend,
+        # which on a CPU-only machine leaves Accelerate unable to pick one. Initialise gloo ourselves first; both
+        # Accelerate and DeepSpeed then reuse the existing group.
+        if (
+            self.ddp_backend == "gloo"
+            and _launched_world_size() > 1
+            and torch.distributed.is_available()
+            and not torch.distributed.is_initialized()
+        ):
+            torch.distributed.init_process_group(backend="gloo", timeout=self.ddp_timeout_delta)
+        return TrainingArguments._setup_devices.func(self)
+
+
+def _launched_world_size() -> int:
+    """World size set by the launcher (accelerate, torchrun, deepspeed, srun via accelerate); 1 when run plainly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

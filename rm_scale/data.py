@@ -1,0 +1,161 @@
+"""Preference rows → token ids → padded pair batches.
+
+Formats recognised per row (first match wins):
+- pre-tokenised (the seed's): `input_ids_chosen`, `attention_mask_chosen`, `input_ids_rejected`, `attention_mask_rejected`
+- TRL's pre-tokenised: `chosen_ids`, `rejected_ids`
+- conversational: `chosen`/`rejected` (and optional `prompt`) are lists of `{"role", "content"}` messages
+- text with an explicit `prompt`: `prompt`, `chosen`, `rejected` strings
+- text with an implicit prompt: `chosen`, `rejected` are whole transcripts sharing their beginning (as hh-rlhf)
+An optional `margin` column passes through to the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PRETOKENIZED = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
+TOKENIZED_COLUMNS = PRETOKENIZED + ("margin",)
+
+
+def detect_format(columns: Sequence[str], example: Mapping[str, Any] | None = None) -> str:
+    """Name the format of a data set from its columns (and one example, to tell text from messages)."""
+    cols = set(columns)
+    if set(PRETOKENIZED) <= cols:
+        return "pretokenized"
+    if {"chosen_ids", "rejected_ids"} <= cols:
+        return "ids"
+    if {"chosen", "rejected"} <= cols:
+        if example is not None and isinstance(example["chosen"], list):
+            return "conversational"
+        return "prompt" if "prompt" in cols else "implicit_prompt"
+    raise ValueError(
+        f"Cannot tell the preference format from the columns {sorted(cols)}. Expected one of: "
+        f"{list(PRETOKENIZED)}; chosen_ids/rejected_ids; chosen/rejected (text or messages) with optional prompt. "
+        "Rename your columns to these names."
+    )
+
+
+def _ensure_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    # The reward is read at the last real token; ending every response with EOS makes that token the same kind of
+    # position for every pair (as TRL does for text input).
+    if eos_id is not None and (not ids or ids[-1] != eos_id):
+        return ids + [eos_id]
+    return ids
+
+
+def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[str, list[int]]:
+    """Turn one row of format ``fmt`` into the seed's four pre-tokenised columns (plus ``margin`` when present)."""
+    eos = tokenizer.eos_token_id
+    if fmt == "pretokenized":
+        out = {k: list(row[k]) for k in PRETOKENIZED}
+    elif fmt == "ids":
+        chosen, rejected = list(row["chosen_ids"]), list(row["rejected_ids"])
+        prompt = list(row.get("prompt_ids") or [])
+        out = _pair_columns(prompt + chosen, prompt + rejected)
+    elif fmt == "conversational":
+        prompt = list(row.get("prompt") or [])
+        chosen = tokenizer.apply_chat_template(prompt + list(row["chosen"]), tokenize=True, return_dict=False)
+        rejected = tokenizer.apply_chat_template(prompt + list(row["rejected"]), tokenize=True, return_dict=False)
+        out = _pair_columns(list(chosen), list(rejected))
+    elif fmt in ("prompt", "implicit_prompt"):
+        prompt = row["prompt"] if fmt == "prompt" else ""
+        enc = tokenizer([prompt + row["chosen"], prompt + row["rejected"]], add_special_tokens=True)["input_ids"]
+        out = _pair_columns(_ensure_eos(enc[0], eos), _ensure_eos(enc[1], eos))
+    else:
+        raise ValueError(f"Unknown preference format {fmt!r}.")
+    if "margin" in row and row["margin"] is not None:
+        out["margin"] = float(row["margin"])
+    return out
+
+
+def _pair_columns(chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
+    return {
+        "input_ids_chosen": chosen,
+        "attention_mask_chosen": [1] * len(chosen),
+        "input_ids_rejected": rejected,
+        "attention_mask_rejected": [1] * len(rejected),
+    }
+
+
+def prepare_dataset(dataset: Any, tokenizer: Any, *, max_length: int | None, num_proc: int | None = None) -> Any:
+    """Tokenise a `datasets.Dataset` of any recognised format and drop pairs longer than ``max_length``.
+
+    Returns the tokenised data set; the number of dropped pairs is logged by the caller from the length difference.
+    """
+    first = dataset[0] if len(dataset) else None
+    fmt = detect_format(dataset.column_names, first)
+    if fmt != "pretokenized":
+        dataset = dataset.map(
+            tokenize_pair,
+            fn_kwargs={"tokenizer": tokenizer, "fmt": fmt},
+            remove_columns=[c for c in dataset.column_names if c not in ("margin",)],
+            num_proc=num_proc,
+            desc=f"Tokenising ({fmt})",
+        )
+    if max_length is not None:
+        dataset = dataset.filter(
+            lambda r: len(r["input_ids_chosen"]) <= max_length and len(r["input_ids_rejected"]) <= max_length,
+            num_proc=num_proc,
+            desc=f"Dropping pairs longer than {max_length}",
+        )
+    return dataset
+
+
+@dataclass
+class RewardDataCollatorWithPadding:
+    """Pads the chosen and rejected sides of a batch of pairs to ONE common length.
+
+    One common length lets the trainer run chosen and rejected through the model in one concatenated forward.
+    Padding follows ``tokenizer.padding_side`` (left or right); the trainer reads each reward at the last token whose
+    attention mask is 1, so both sides work, and so does pad == eos.
+    """
+
+    tokenizer: Any
+    padding: bool | str = True
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("RewardDataCollatorWithPadding got an empty batch.")
+        missing = [k for k in PRETOKENIZED if k not in features[0]]
+        if missing:
+            raise ValueError(
+                f"RewardDataCollatorWithPadding needs the columns {list(PRETOKENIZED)}; missing {missing}. "
+                "Tokenise text with rm_scale.data.prepare_dataset (RewardTrainer does this for you)."
+            )
+        longest = max(max(len(f["input_ids_chosen"]), len(f["input_ids_rejected"])) for f in features)
+        if self.max_length is not None and longest > self.max_length:
+            raise ValueError(
+                f"A pair in this batch has {longest} tokens, more than max_length={self.max_length}. "
+                "Drop or truncate long pairs before collating."
+            )
+        length = longest
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has no pad token: set tokenizer.pad_token (RewardTrainer does this).")
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        batch: dict[str, torch.Tensor] = {}
+        for side in ("chosen", "rejected"):
+            ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(features), length), dtype=torch.long)
+            for i, f in enumerate(features):
+                seq = torch.as_tensor(f[f"input_ids_{side}"], dtype=torch.long)
+                att = torch.as_tensor(f[f"attention_mask_{side}"], dtype=torch.long)
+                n = seq.numel()
+                sl = slice(length - n, length) if left else slice(0, n)
+                ids[i, sl] = seq
+                mask[i, sl] = att
+            batch[f"input_ids_{side}"] = ids
+            batch[f"attention_mask_{side}"] = mask
+        if "margin" in features[0]:
+            batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float)
+        batch["return_loss"] = True
+        return batch

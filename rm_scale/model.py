@@ -1,0 +1,144 @@
+"""Build, read and export reward models. Knows nothing of ranks or losses.
+
+A reward is the score head's output at the last real token (rightmost attention-mask 1) of each sequence. Reading it
+from the mask, not from the first pad token, keeps it right for left padding and when pad == eos (transformers#35909).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SCORE_HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / DeepSpeed / DDP wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The module that maps hidden states to the scalar reward (`score` for decoder LMs)."""
+    inner = base_model(model)
+    for name in SCORE_HEAD_NAMES:
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(
+        f"{type(inner).__name__} has no score head ({', '.join(SCORE_HEAD_NAMES)}): load the model with "
+        "AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)."
+    )
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the rightmost position whose mask is 1, per row (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+@contextlib.contextmanager
+def _capture_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+        store["out"] = out[0] if isinstance(out, tuple) else out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One forward; returns the reward of each row, shape ``(batch,)``.
+
+    Decoder models apply the score head to every position and pool at the last non-pad token by ``pad_token_id``;
+    we capture the per-token scores with a hook and pool at the last attention-mask 1 instead. Encoder models whose
+    head sees one pooled vector per row return it as is.
+    """
+    with _capture_output(score_head(model)) as cap:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    per_token = cap.get("out")
+    if per_token is not None and per_token.dim() == 3 and per_token.shape[1] == input_ids.shape[1]:
+        rows = torch.arange(input_ids.shape[0], device=per_token.device)
+        return per_token[rows, last_real_index(attention_mask).to(per_token.device), 0]
+    logits = out["logits"] if isinstance(out, dict) else out[0]
+    return logits[:, 0]
+
+
+def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    # Under ZeRO-3 a partitioned parameter is an empty placeholder on each rank; writing to it directly is a no-op or
+    # an error. GatheredParameters(modifier_rank=0) materialises it and scatters rank 0's values back afterwards.
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def init_score_head(model: nn.Module, *, seed: int = 0) -> None:
+    """Initialise the score head ~ N(0, 1/(H+1)) with a private generator: independent of world size and zero.Init."""
+    head = score_head(model)
+    params = list(head.parameters())
+    with _gathered(params), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for p in params:
+            if p.dim() >= 2:
+                std = 1.0 / (p.shape[-1] + 1)
+                p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * std).to(p.dtype))
+            else:
+                p.zero_()
+
+
+def load_reward_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    score_head_seed: int = 0,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """`AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`, with a deterministic fresh head.
+
+    Call it after `RewardConfig` exists so that under ZeRO-3 the weights load partitioned (zero.Init).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path,
+        num_labels=1,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+        **kwargs,
+    )
+    head_names = {f"{n}." for n in SCORE_HEAD_NAMES}
+    if any(any(k.startswith(h) or f".{h}" in k for h in head_names) for k in info.get("missing_keys", [])):
+        logger.info("No score head in %s: initialising a fresh one (seed %d).", name_or_path, score_head_seed)
+        init_score_head(model, seed=score_head_seed)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability: rewards become deterministic and train/eval agree."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # attention implementations keep their dropout as a float attribute copied from the config at build time
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)

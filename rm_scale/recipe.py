@@ -1,0 +1,137 @@
+"""Recipes: one YAML file with `model`, `lora`, `data` and `train` sections, plus `--key value` overrides.
+
+`train` holds `RewardConfig` fields (any `TrainingArguments` field). World size, nodes and ranks are never here: they
+belong to the launcher. DeepSpeed settings live in `ds_configs/*.json`, chosen by the accelerate config (or by
+`train.deepspeed` when launched without accelerate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECTIONS = ("model", "lora", "data", "train")
+MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code"}
+DATA_KEYS = {"train", "eval"}
+LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "use_rslora"}
+# Names that resolve to data or models shipped with rm_scale (no download).
+DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
+SMOLLM2 = "rm_scale:smollm2-135m-instruct"
+
+
+def _reward_config_fields() -> set[str]:
+    from rm_scale.config import RewardConfig
+
+    return {f.name for f in dataclasses.fields(RewardConfig) if f.init}
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a recipe and apply ``--section.key value`` / ``--key value`` overrides; validate the keys."""
+    recipe: dict[str, Any] = {s: None if s == "lora" else {} for s in SECTIONS}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a recipe is a mapping with sections {SECTIONS}.")
+        unknown = set(loaded) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: {list(SECTIONS)}.")
+        recipe.update(loaded)
+    _apply_overrides(recipe, overrides)
+    validate_recipe(recipe, source=str(path) if path else "<overrides>")
+    return recipe
+
+
+def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
+    if len(overrides) % 2:
+        raise ValueError(f"Overrides come as --key value pairs; got {list(overrides)}.")
+    train_fields = _reward_config_fields()
+    for flag, raw in zip(overrides[::2], overrides[1::2]):
+        if not flag.startswith("--"):
+            raise ValueError(f"Override {flag!r} must look like --key or --section.key.")
+        key = flag[2:].replace("-", "_")
+        value = yaml.safe_load(raw)
+        if "." in key:
+            section, key = key.split(".", 1)
+        elif key in train_fields:
+            section = "train"
+        elif key in MODEL_KEYS:
+            section = "model"
+        else:
+            raise ValueError(f"Unknown override --{key}: use --section.key with a section in {SECTIONS}.")
+        if section not in SECTIONS:
+            raise ValueError(f"Unknown section in override {flag!r}; allowed: {SECTIONS}.")
+        if section == "lora" and recipe["lora"] is None:
+            recipe["lora"] = {}
+        recipe[section][key] = value
+
+
+def validate_recipe(recipe: dict[str, Any], *, source: str) -> None:
+    """Raise ValueError naming the file, the key and the fix."""
+    checks = (("model", MODEL_KEYS), ("data", DATA_KEYS), ("lora", LORA_KEYS), ("train", _reward_config_fields()))
+    for section, allowed in checks:
+        body = recipe.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping, got {type(body).__name__}.")
+        unknown = set(body) - allowed
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {sorted(unknown)} in {section!r}; allowed: {sorted(allowed)}.")
+    if not recipe["model"].get("name_or_path"):
+        raise ValueError(f"{source}: model.name_or_path is required (a local folder, a hub name, or {SMOLLM2}).")
+    if not recipe["data"].get("train"):
+        raise ValueError(f"{source}: data.train is required (files, globs or rm_scale:demo/train).")
+    if not recipe["train"].get("output_dir"):
+        raise ValueError(f"{source}: train.output_dir is required.")
+    for forbidden in ("world_size", "num_processes", "local_rank", "num_machines"):
+        if forbidden in recipe["train"]:
+            raise ValueError(f"{source}: train.{forbidden} belongs to the launcher (accelerate / Slurm), not the recipe.")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == SMOLLM2:
+        from rm_scale.pretrained import smollm2_path
+
+        return str(smollm2_path())
+    return name_or_path
+
+
+def resolve_data_files(files: str | Sequence[str]) -> list[str]:
+    """Expand shipped names and globs; a path that matches nothing is an error, not an empty data set."""
+    import glob
+
+    out: list[str] = []
+    for item in [files] if isinstance(files, str) else files:
+        if item in DEMO_DATA:
+            out.append(str(Path(__file__).parent / "demo_data" / DEMO_DATA[item]))
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        if not matches:
+            raise ValueError(f"Data path {item!r} matches no file (cwd {os.getcwd()}).")
+        out.extend(matches)
+    return out
+
+
+def load_preference_files(files: str | Sequence[str]) -> Any:
+    """A map-style `datasets.Dataset` from local .jsonl/.json/.parquet/.csv files (optionally .gz)."""
+    from datasets import load_dataset
+
+    paths = resolve_data_files(files)
+    kinds = {_kind(p) for p in paths}
+    if len(kinds) != 1:
+        raise ValueError(f"Mixed file types in one data list: {sorted(kinds)}; use one type per list.")
+    return load_dataset(kinds.pop(), data_files=paths, split="train")
+
+
+def _kind(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    for ext, kind in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".csv", "csv")):
+        if name.endswith(ext):
+            return kind
+    raise ValueError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .csv (optionally .gz).")
