@@ -1,0 +1,84 @@
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rm_scale.data import RewardDataCollatorWithPadding
+from rm_scale.model import forward_rewards, init_score_head, last_real_index, load_reward_model, score_head
+from tiny import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    model = load_reward_model(str(tiny_dir), score_head_seed=3).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_last_real_index_right_left_and_holes():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 0, 0]])
+    assert last_real_index(mask).tolist() == [2, 4, 4, 2]
+
+
+def _single_rewards(model, seqs):
+    return torch.stack([forward_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_rewards_are_read_at_the_last_real_token(model_and_tok, side, pad_is_eos):
+    """Padded batch rewards equal unpadded one-at-a-time rewards: left/right padding and pad == eos."""
+    model, tok = model_and_tok
+    eos = tok.eos_token_id
+    seqs = [[10, 11, 12, eos], [13, eos], [14, 15, 16, 17, 18, eos]]  # every sequence ends with EOS
+    old_pad, old_side = tok.pad_token, tok.padding_side
+    tok.padding_side = side
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    try:
+        feats = [{"input_ids_chosen": s, "attention_mask_chosen": [1] * len(s),
+                  "input_ids_rejected": s, "attention_mask_rejected": [1] * len(s)} for s in seqs]
+        batch = RewardDataCollatorWithPadding(tok)(feats)
+        with torch.no_grad():
+            batched = forward_rewards(model, batch["input_ids_chosen"], batch["attention_mask_chosen"])
+            single = _single_rewards(model, seqs)
+        assert torch.allclose(batched, single, atol=1e-5), (batched, single)
+    finally:
+        tok.pad_token, tok.padding_side = old_pad, old_side
+        model.config.pad_token_id = tok.pad_token_id
+
+
+def test_fresh_head_is_deterministic_and_small(tiny_dir):
+    a = load_reward_model(str(tiny_dir), score_head_seed=3)
+    b = load_reward_model(str(tiny_dir), score_head_seed=3)
+    c = load_reward_model(str(tiny_dir), score_head_seed=4)
+    wa, wb, wc = (score_head(m).weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert wa.shape == (1, 32) and wa.std().item() < 2.0 / 33
+
+
+def test_saved_head_is_kept_on_reload(tiny_dir, tmp_path):
+    model = load_reward_model(str(tiny_dir), score_head_seed=3)
+    with torch.no_grad():
+        score_head(model).weight.fill_(0.25)
+    model.save_pretrained(tmp_path)
+    again = load_reward_model(str(tmp_path), score_head_seed=99)
+    assert torch.all(score_head(again).weight == 0.25)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert torch.all(score_head(plain).weight == 0.25)
+
+
+def test_init_score_head_uses_a_private_generator(tiny_dir):
+    model = load_reward_model(str(tiny_dir))
+    torch.manual_seed(123)
+    init_score_head(model, seed=7)
+    first = score_head(model).weight.clone()
+    torch.manual_seed(456)
+    init_score_head(model, seed=7)
+    assert torch.equal(first, score_head(model).weight)
