@@ -1,0 +1,64 @@
+"""Run rm_scale for real: one plain process, or several through `accelerate launch` with the shipped configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_ds_config(name: str, tmp: Path) -> Path:
+    """A shipped DeepSpeed JSON with persistence threshold 0: else ZeRO-3 keeps a tiny model's params whole."""
+    config = json.loads((ROOT / "ds_configs" / name).read_text())
+    if config["zero_optimization"]["stage"] == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp / name
+    path.write_text(json.dumps(config))
+    return path
+
+
+def launch_config(name: str, tmp: Path, *, ds_config: Path | None = None) -> Path:
+    """A shipped accelerate YAML, pointed at ``ds_config`` when given."""
+    config = yaml.safe_load((ROOT / "launch" / name).read_text())
+    if ds_config is not None:
+        config["deepspeed_config"]["deepspeed_config_file"] = str(ds_config)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+             WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    return e
+
+
+def run_train(recipe: Path, overrides: list[str], *, launch: Path | None = None, nproc: int = 2,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    if launch is None:
+        cmd = [sys.executable, "-m", "rm_scale", "train", "--config", str(recipe), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+               "-m", "rm_scale", "train", "--config", str(recipe), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
