@@ -56,6 +56,8 @@ class RewardConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.ddp_backend is None and not torch.cuda.is_available() and _launched_world_size() > 1:
             self.ddp_backend = "gloo"
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"RewardConfig.max_length must be >= 2 or None, got {self.max_length}.")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:

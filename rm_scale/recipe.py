@@ -44,7 +44,21 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         recipe.update(loaded)
     _apply_overrides(recipe, overrides)
     validate_recipe(recipe, source=str(path) if path else "<overrides>")
+    _coerce_floats(recipe["train"])
     return recipe
+
+
+def _coerce_floats(train: dict[str, Any]) -> None:
+    # YAML 1.1 reads `1e-5` (no dot) as a string; TrainingArguments would keep it as one.
+    from rm_scale.config import RewardConfig
+
+    float_fields = {f.name for f in dataclasses.fields(RewardConfig) if "float" in str(f.type)}
+    for key, value in train.items():
+        if key in float_fields and isinstance(value, str):
+            try:
+                train[key] = float(value)
+            except ValueError:
+                pass
 
 
 def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -55,7 +69,7 @@ def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
         if not flag.startswith("--"):
             raise ValueError(f"Override {flag!r} must look like --key or --section.key.")
         key = flag[2:].replace("-", "_")
-        value = yaml.safe_load(raw)
+        value = _parse_value(raw)
         if "." in key:
             section, key = key.split(".", 1)
         elif key in train_fields:
@@ -71,8 +85,22 @@ def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
         recipe[section][key] = value
 
 
+def _parse_value(raw: str) -> Any:
+    """YAML scalars, plus floats YAML 1.1 reads as strings (``5e-6`` has no dot)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def validate_recipe(recipe: dict[str, Any], *, source: str) -> None:
     """Raise ValueError naming the file, the key and the fix."""
+    for forbidden in ("world_size", "num_processes", "local_rank", "num_machines"):
+        if forbidden in (recipe.get("train") or {}):
+            raise ValueError(f"{source}: train.{forbidden} belongs to the launcher (accelerate / Slurm), not the recipe.")
     checks = (("model", MODEL_KEYS), ("data", DATA_KEYS), ("lora", LORA_KEYS), ("train", _reward_config_fields()))
     for section, allowed in checks:
         body = recipe.get(section)
@@ -89,9 +117,6 @@ def validate_recipe(recipe: dict[str, Any], *, source: str) -> None:
         raise ValueError(f"{source}: data.train is required (files, globs or rm_scale:demo/train).")
     if not recipe["train"].get("output_dir"):
         raise ValueError(f"{source}: train.output_dir is required.")
-    for forbidden in ("world_size", "num_processes", "local_rank", "num_machines"):
-        if forbidden in recipe["train"]:
-            raise ValueError(f"{source}: train.{forbidden} belongs to the launcher (accelerate / Slurm), not the recipe.")
 
 
 def resolve_model_path(name_or_path: str) -> str:

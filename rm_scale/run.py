@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,9 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     from rm_scale.trainer import RewardTrainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed calls torch's renamed collectives on every step; the rename warning would flood the log.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
     # RewardConfig first: it starts the process group and, under ZeRO-3, makes from_pretrained load partitioned.
     args = RewardConfig(**recipe["train"])
     model_cfg = recipe["model"]

@@ -260,11 +260,11 @@ def _apply_peft(model: nn.Module, peft_config: Any, args: RewardConfig) -> nn.Mo
     modules_to_save = list(peft_config.modules_to_save or [])
     if head not in modules_to_save:
         peft_config.modules_to_save = modules_to_save + [head]
-    if args.gradient_checkpointing:
+    if args.activation_checkpointing:
         # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant, which needs
-        # inputs that require grad.
-        if args.gradient_checkpointing_kwargs is None:
-            args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+        # inputs that require grad. (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
+        if args.activation_checkpointing_kwargs is None:
+            args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": True}
         inner.enable_input_require_grads()
     # autocast_adapter_dtype=False: mixed adapter dtypes break ZeRO-3's all-gather (trl#6089).
     return get_peft_model(model, peft_config, autocast_adapter_dtype=False)

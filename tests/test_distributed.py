@@ -89,7 +89,8 @@ def test_zero3_lora_trains_saves_and_reloads(setup):
     out = tmp / "zero3_lora"
     launch = launch_config("zero3.yaml", tmp, ds_config=tiny_ds_config("zero3.json", tmp))
     run_train(recipe, ["--output_dir", str(out), "--per_device_train_batch_size", "2", "--lora.r", "8",
-                       "--lora.lora_alpha", "32", "--lora.lora_dropout", "0.0"], launch=launch)
+                       "--lora.lora_alpha", "32", "--lora.lora_dropout", "0.0",
+                       "--activation_checkpointing", "true"], launch=launch)  # PEFT + ZeRO-3 + checkpointing: trl#2514
     dist = {m["step"]: m for m in metrics(out) if "loss_exact" in m}
     assert sorted(dist) == list(range(1, STEPS + 1))
     assert (out / "final" / "adapter_model.safetensors").exists()

@@ -1,0 +1,124 @@
+"""Every shipped config file (recursively) loads and validates; conflicts are errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rm_scale.config import RewardConfig
+from rm_scale.dsconfig import load_ds_config, resolve_ds_config
+from rm_scale.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_DIRS = {".venv", ".git", "outputs", "build", "node_modules", ".pytest_cache"}
+
+
+def _shipped(pattern: str) -> list[Path]:
+    return sorted(p for p in ROOT.rglob(pattern) if not SKIP_DIRS & set(p.relative_to(ROOT).parts))
+
+
+DS = _shipped("ds_configs/**/*.json")
+LAUNCH = _shipped("launch/**/*.yaml")
+RECIPES = _shipped("recipes/**/*.yaml")
+
+
+def test_every_config_folder_is_found():
+    assert len(DS) >= 4 and len(LAUNCH) >= 5 and len(RECIPES) >= 4
+
+
+def test_every_json_and_yaml_in_the_repo_parses():
+    for path in _shipped("*.json") + _shipped("*.yaml") + _shipped("*.yml"):
+        text = path.read_text()
+        json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("path", DS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_deepspeed_configs_fill_from_the_run_config(path):
+    args = RewardConfig(output_dir="/tmp/rm_scale_cfg", per_device_train_batch_size=3, gradient_accumulation_steps=5,
+                        max_grad_norm=0.7, learning_rate=1e-5)
+    config = resolve_ds_config(path, args, world_size=4)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 60
+    assert config["gradient_clipping"] == 0.7
+    if "optimizer" in config:
+        assert config["optimizer"]["params"]["lr"] == 1e-5
+
+
+def test_a_hard_coded_conflict_is_an_error(tmp_path):
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config["gradient_accumulation_steps"] = 8
+    path = tmp_path / "conflict.json"
+    path.write_text(json.dumps(config))
+    args = RewardConfig(output_dir="/tmp/rm_scale_cfg", gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        resolve_ds_config(path, args, world_size=2)
+
+
+def test_zero3_without_gathered_save_is_rejected(tmp_path):
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    path = tmp_path / "nosave.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+        load_ds_config(path)
+
+
+@pytest.mark.parametrize("path", LAUNCH, ids=lambda p: str(p.relative_to(ROOT)))
+def test_launch_configs_show_their_command_and_point_at_real_files(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file launch/{path.name} ")
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] in {"DEEPSPEED", "MULTI_GPU"}
+    assert config["use_cpu"] is False  # use_cpu: true silently turns DeepSpeed off
+    if config["distributed_type"] == "DEEPSPEED":
+        ds = config["deepspeed_config"]["deepspeed_config_file"]
+        assert (ROOT / ds).exists(), ds
+        stage = load_ds_config(ROOT / ds)["zero_optimization"]["stage"]
+        assert config["deepspeed_config"]["zero3_init_flag"] is (stage == 3)
+    recipe = first.split("--config ")[1].split()[0] if "--config " in first else None
+    assert recipe is None or (ROOT / recipe).exists(), recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipes_load_and_build_a_reward_config(path):
+    recipe = load_recipe(path)
+    RewardConfig(**recipe["train"])
+    launch = next(line for line in path.read_text().splitlines() if "accelerate launch" in line)
+    launch_file = launch.split("--config_file ")[1].split()[0]
+    assert (ROOT / launch_file).exists(), launch_file
+    assert f"--config recipes/{path.name}" in launch
+
+
+def test_recipe_errors_name_the_key_and_the_fix(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, learnign_rate: 1}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown key\(s\) \['learnign_rate'\] in 'train'"):
+        load_recipe(bad)
+    bad.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, world_size: 2}\n")
+    with pytest.raises(ValueError, match="belongs to the launcher"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match="Unknown override --nope"):
+        load_recipe(ROOT / "recipes" / "zero3.yaml", ["--nope", "1"])
+    recipe = load_recipe(ROOT / "recipes" / "zero3.yaml", ["--learning_rate", "5e-6", "--lora.r", "4"])
+    assert recipe["train"]["learning_rate"] == 5e-6 and recipe["lora"] == {"r": 4}
+
+
+def test_dry_run_prints_the_resolved_config_and_deepspeed_dict():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rm_scale", "train", "--config", "recipes/zero3.yaml", "--dry-run",
+         "--launch-config", "launch/zero3.yaml", "--per_device_train_batch_size", "3"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    ds = json.loads(proc.stdout.split("# DeepSpeed (ds_configs/zero3.json, world size 2)\n")[1])
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 3 * 2 * 2
+    assert "learning_rate: 1.0e-05" in proc.stdout
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, learning_rate: 1e-5}\n")
+    assert load_recipe(path)["train"]["learning_rate"] == 1e-5
