@@ -9,6 +9,8 @@ from functools import cached_property
 import torch
 from transformers import TrainingArguments
 
+from rm_scale.stream import BATCHING
+
 
 @dataclass
 class RewardConfig(TrainingArguments):
@@ -48,6 +50,21 @@ class RewardConfig(TrainingArguments):
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to tokenise a map-style dataset (datasets.map num_proc)."}
     )
+    batching: str = field(
+        default="fixed",
+        metadata={
+            "help": "Micro-batching of streamed data (train_dataset=PairFiles(...)): 'fixed' (per_device_train_batch_size "
+            "pairs in shuffled order), 'length_grouped' (same count, pairs of similar length together), or "
+            "'token_budget' (up to per_device_train_batch_size pairs while 2 x pairs x longest <= token_budget)."
+        },
+    )
+    token_budget: int | None = field(
+        default=None, metadata={"help": "Padded tokens per micro-batch (chosen + rejected) for batching='token_budget'."}
+    )
+    stream_block_size: int = field(
+        default=1024,
+        metadata={"help": "Pairs read, shuffled and batched together when streaming; resume re-reads at most one block."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the pair columns are consumed by the trainer, not by the model's forward."},
@@ -60,6 +77,10 @@ class RewardConfig(TrainingArguments):
             self.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"RewardConfig.max_length must be >= 2 or None, got {self.max_length}.")
+        if self.batching not in BATCHING:
+            raise ValueError(f"RewardConfig.batching must be one of {BATCHING}, got {self.batching!r}.")
+        if self.batching == "token_budget" and not self.token_budget:
+            raise ValueError("RewardConfig.batching='token_budget' needs token_budget (padded tokens per micro-batch).")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ValueError(
                 f"RewardConfig.center_rewards_coefficient must be >= 0 (or None to disable), got "

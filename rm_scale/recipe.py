@@ -17,7 +17,7 @@ import yaml
 
 SECTIONS = ("model", "lora", "data", "train")
 MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code"}
-DATA_KEYS = {"train", "eval"}
+DATA_KEYS = {"train", "eval", "streaming"}
 LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "use_rslora"}
 # Names that resolve to data or models shipped with rm_scale (no download).
 DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
@@ -148,13 +148,14 @@ def load_preference_files(files: str | Sequence[str]) -> Any:
     from datasets import load_dataset
 
     paths = resolve_data_files(files)
-    kinds = {_kind(p) for p in paths}
+    kinds = {file_kind(p) for p in paths}
     if len(kinds) != 1:
         raise ValueError(f"Mixed file types in one data list: {sorted(kinds)}; use one type per list.")
     return load_dataset(kinds.pop(), data_files=paths, split="train")
 
 
-def _kind(path: str) -> str:
+def file_kind(path: str) -> str:
+    """The `datasets` builder for a data file, by extension."""
     name = path[:-3] if path.endswith(".gz") else path
     for ext, kind in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".csv", "csv")):
         if name.endswith(ext):
