@@ -65,6 +65,20 @@ class RewardConfig(TrainingArguments):
         default=1024,
         metadata={"help": "Pairs read, shuffled and batched together when streaming; resume re-reads at most one block."},
     )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of PROMPTS (by a seeded hash: all pairs of a prompt on one side) from "
+            "the streamed training data, for evaluation (recipes: data.eval: split)."
+        },
+    )
+    strict_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop at the first bad row (malformed line, missing/empty/non-text field, identical sides, bad "
+            "UTF-8, empty file, too long) with its file, line, field and fix. Default: skip it and count the reason."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the pair columns are consumed by the trainer, not by the model's forward."},

@@ -72,6 +72,15 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
     return out
 
 
+def tokenize_canonical(pair: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Token ids of a canonical pair from rm_scale.sources.to_pairs (``prompt`` None means implicit)."""
+    row = {k: v for k, v in pair.items() if not (k == "prompt" and v is None) and k != "subset"}
+    out = tokenize_pair(row, tokenizer, fmt=detect_format(list(row), row))
+    if "subset" in pair:
+        out["subset"] = pair["subset"]
+    return out
+
+
 def _pair_columns(chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
     return {
         "input_ids_chosen": chosen,

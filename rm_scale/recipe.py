@@ -19,8 +19,7 @@ SECTIONS = ("model", "lora", "data", "train")
 MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code"}
 DATA_KEYS = {"train", "eval", "streaming"}
 LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "use_rslora"}
-# Names that resolve to data or models shipped with rm_scale (no download).
-DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
+# The model shipped with rm_scale (no download); shipped data names live in rm_scale.sources.
 SMOLLM2 = "rm_scale:smollm2-135m-instruct"
 
 
@@ -128,36 +127,21 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def resolve_data_files(files: str | Sequence[str]) -> list[str]:
-    """Expand shipped names and globs; a path that matches nothing is an error, not an empty data set."""
-    import glob
+    """Expand shipped names (rm_scale:demo/...), globs and folders; a path that matches nothing is an error."""
+    from rm_scale.sources import resolve_files
 
-    out: list[str] = []
-    for item in [files] if isinstance(files, str) else files:
-        if item in DEMO_DATA:
-            out.append(str(Path(__file__).parent / "demo_data" / DEMO_DATA[item]))
-            continue
-        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-        if not matches:
-            raise ValueError(f"Data path {item!r} matches no file (cwd {os.getcwd()}).")
-        out.extend(matches)
-    return out
+    return resolve_files([files] if isinstance(files, str) else list(files))
 
 
 def load_preference_files(files: str | Sequence[str]) -> Any:
-    """A map-style `datasets.Dataset` from local .jsonl/.json/.parquet/.csv files (optionally .gz)."""
+    """A map-style `datasets.Dataset` of the raw rows of local .jsonl/.json/.parquet/.csv files (optionally .gz)."""
     from datasets import load_dataset
+
+    from rm_scale.sources import file_kind
 
     paths = resolve_data_files(files)
     kinds = {file_kind(p) for p in paths}
-    if len(kinds) != 1:
-        raise ValueError(f"Mixed file types in one data list: {sorted(kinds)}; use one type per list.")
-    return load_dataset(kinds.pop(), data_files=paths, split="train")
-
-
-def file_kind(path: str) -> str:
-    """The `datasets` builder for a data file, by extension."""
-    name = path[:-3] if path.endswith(".gz") else path
-    for ext, kind in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".csv", "csv")):
-        if name.endswith(ext):
-            return kind
-    raise ValueError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .csv (optionally .gz).")
+    if len(kinds) != 1 or kinds & {"saved"}:
+        raise ValueError(f"One file type per data list, and no save_to_disk folders here; got {sorted(kinds)}.")
+    kind = kinds.pop()
+    return load_dataset("json" if kind == "jsonl" else kind, data_files=paths, split="train")

@@ -14,6 +14,8 @@ Takes rank and world size as arguments; never asks torch.distributed.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,17 +23,18 @@ from typing import Any
 
 import torch
 
-from rm_scale.data import RewardDataCollatorWithPadding, detect_format, tokenize_pair
+from rm_scale.data import RewardDataCollatorWithPadding, tokenize_canonical
 
 BATCHING = ("fixed", "length_grouped", "token_budget")
 
 
 @dataclass(frozen=True)
 class PairFiles:
-    """Preference files to stream: pass as `RewardTrainer(train_dataset=PairFiles([...]))`; batching options come
-    from `RewardConfig` (`batching`, `token_budget`, `stream_block_size`)."""
+    """Preference data to stream: `RewardTrainer(train_dataset=PairFiles(["data/*.jsonl"]))`. Each item is a path
+    (file, glob, folder, save_to_disk folder) or a source mapping {path(s), weight, columns}; batching options come
+    from `RewardConfig` (`batching`, `token_budget`, `stream_block_size`, `eval_fraction`, `strict_data`)."""
 
-    files: Sequence[str]
+    files: Sequence[Any]
 
 
 @dataclass
@@ -39,15 +42,22 @@ class StreamConfig:
     """How pairs are read and batched. `pairs_per_batch` caps every micro-batch; `token_budget` also caps
     2 x pairs x longest-sequence (the padded size of the concatenated forward) when batching is "token_budget"."""
 
-    files: Sequence[str]
+    sources: Sequence[Any]  # rm_scale.sources.Source, or a list of paths
     pairs_per_batch: int
     max_length: int | None = 1024
     batching: str = "fixed"
     token_budget: int | None = None
     block_size: int = 1024
     seed: int = 0
+    eval_fraction: float = 0.0  # pairs whose prompt hashes below this are held out for evaluation
+    split: str = "train"  # with eval_fraction: "train" keeps the other prompts, "eval" only the held-out ones
+    strict: bool = False  # a bad row raises (file, line, field, fix) instead of being skipped and counted
 
     def __post_init__(self) -> None:
+        from rm_scale.sources import Source, parse_sources
+
+        if not all(isinstance(x, Source) for x in self.sources):
+            self.sources = parse_sources(list(self.sources))
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}.")
         if self.batching == "token_budget" and not self.token_budget:
@@ -98,22 +108,37 @@ class PairStream(torch.utils.data.IterableDataset):
             )
         self._resume = copy.deepcopy(state)
         self.epoch = state["epoch"]
+        self.stats = StreamStats(**state["stats"])
 
     # -- upstream -------------------------------------------------------------------------------------------------
 
     def _upstream(self, epoch: int) -> Any:
-        from datasets import load_dataset
+        from datasets import Features, IterableDataset, Value, interleave_datasets
         from datasets.distributed import split_dataset_by_node
 
-        from rm_scale.recipe import file_kind
+        from rm_scale.sources import resolve_files
 
-        files = list(self.config.files)
-        random.Random(f"{self.config.seed}/files/{epoch}").shuffle(files)  # file order changes each epoch
-        kinds = {file_kind(f) for f in files}
-        if len(kinds) != 1:
-            raise ValueError(f"Mixed file types in one stream: {sorted(kinds)}; use one type per data list.")
-        ds = load_dataset(kinds.pop(), data_files=files, split="train", streaming=True)
-        return split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        features = Features({"file": Value("string"), "line": Value("int64"), "text": Value("string"),
+                             "row": Value("string"), "error": Value("string"), "source": Value("int64")})
+        parts, weights = [], []
+        for index, source in enumerate(self.config.sources):
+            files = resolve_files(source.paths)
+            random.Random(f"{self.config.seed}/files/{index}/{epoch}").shuffle(files)  # new file order each epoch
+            ds = IterableDataset.from_generator(
+                _records, gen_kwargs={"files": files, "source": index}, features=features
+            )
+            # file-level shards when the files spread over the ranks, else example-level: disjoint either way
+            parts.append(split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size))
+            weights.append(source.weight)
+        if len(parts) == 1:
+            return parts[0]
+        total = sum(weights)
+        # Weights are sampling probabilities; the pass ends once every source has been seen whole at least once
+        # (small or heavy sources repeat within it).
+        return interleave_datasets(
+            parts, probabilities=[w / total for w in weights], seed=self.config.seed + epoch,
+            stopping_strategy="all_exhausted",
+        )
 
     # -- iteration ------------------------------------------------------------------------------------------------
 
@@ -127,7 +152,6 @@ class PairStream(torch.utils.data.IterableDataset):
             block, skip = self._resume["block"], self._resume["emitted"]
             self._resume = None
         rows = iter(upstream)
-        fmt: str | None = None
         while True:
             # Until the first row is read after load_state_dict, datasets reports its initial state, not the loaded one.
             start = pending if pending is not None else copy.deepcopy(upstream.state_dict())
@@ -135,9 +159,7 @@ class PairStream(torch.utils.data.IterableDataset):
             raw = [row for _, row in zip(range(self.config.block_size), rows)]
             if not raw:
                 break
-            if fmt is None:
-                fmt = detect_format(list(raw[0]), raw[0])
-            pairs = [p for p in (self._tokenize(r, fmt) for r in raw) if p is not None]
+            pairs = [p for r in raw for p in self.pairs_of(r)]
             batches = self._batches(pairs, random.Random(f"{self.config.seed}/{epoch}/{block}"))
             for k, batch in enumerate(batches):
                 if k < skip:
@@ -149,26 +171,50 @@ class PairStream(torch.utils.data.IterableDataset):
                 self.stats.pairs += len(batch)
                 out["_state"] = {
                     "epoch": epoch, "block": block, "emitted": k + 1, "upstream": start,
-                    "rank": self.rank, "world_size": self.world_size,
+                    "rank": self.rank, "world_size": self.world_size, "stats": dataclasses.asdict(self.stats),
                 }
                 yield out
             block, skip = block + 1, 0
         self.epoch = epoch + 1
 
-    def _tokenize(self, row: dict[str, Any], fmt: str) -> dict[str, Any] | None:
+    def pairs_of(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """Tokenised training pairs of one record; bad rows are counted by reason (or raise in strict mode)."""
+        from rm_scale.sources import BadRow, in_eval_split, record_row, to_pairs
+
+        out = []
         try:
-            pair = tokenize_pair(row, self.tokenizer, fmt=fmt)
-        except (KeyError, TypeError, ValueError):
-            self.stats.drop("malformed")
-            return None
-        if pair["input_ids_chosen"] == pair["input_ids_rejected"]:
-            self.stats.drop("identical chosen and rejected")
-            return None
-        limit = self.config.max_length
-        if limit is not None and max(len(pair["input_ids_chosen"]), len(pair["input_ids_rejected"])) > limit:
-            self.stats.drop(f"longer than max_length={limit}")
-            return None
-        return pair
+            where = f"{record['file']}:{record['line']}"
+            rec = {k: v for k, v in record.items() if v is not None}
+            if "row" in rec:
+                rec["row"] = json.loads(rec["row"])
+            row = record_row(rec)
+            for pair in to_pairs(row, self.config.sources[record["source"]].columns, where=where):
+                if self.config.eval_fraction and (
+                    in_eval_split(pair, self.config.eval_fraction, self.config.seed) != (self.config.split == "eval")
+                ):
+                    continue  # the other split's prompt
+                tokens = None if "drop" in pair else tokenize_canonical(pair, self.tokenizer)
+                limit = self.config.max_length
+                if tokens is None:
+                    problem = BadRow(pair["drop"], f"a pair of this row is unusable ({pair['drop']})", where=where)
+                elif tokens["input_ids_chosen"] == tokens["input_ids_rejected"]:
+                    problem = BadRow("identical chosen and rejected", "chosen and rejected tokenise to the same ids; "
+                                     "drop the row", where=where)
+                elif limit is not None and _pair_length(tokens) > limit:
+                    problem = BadRow(f"longer than max_length={limit}", f"pair has {_pair_length(tokens)} tokens > "
+                                     f"max_length={limit}: raise max_length or drop the row", where=where)
+                else:
+                    out.append(tokens)
+                    continue
+                # one unusable pair of a multi-response row does not cost the row's other pairs
+                if self.config.strict and problem.reason != "tie":
+                    raise problem
+                self.stats.drop(problem.reason)
+        except BadRow as e:
+            if self.config.strict:
+                raise ValueError(f"Bad preference row (strict_data): {e}") from None
+            self.stats.drop(e.reason)
+        return out
 
     def _batches(self, pairs: list[dict[str, Any]], rng: random.Random) -> list[list[dict[str, Any]]]:
         cfg = self.config
@@ -190,6 +236,32 @@ class PairStream(torch.utils.data.IterableDataset):
             batches.append(current)
         rng.shuffle(batches)  # no length curriculum: batch order is random
         return batches
+
+
+def materialize_pairs(config: StreamConfig, tokenizer: Any) -> tuple[Any, StreamStats]:
+    """All pairs of ``config`` (every rank's share) as a map-style `datasets.Dataset` of token ids — for evaluation
+    sets and small training sets; same formats, checks and counts as the stream."""
+    from datasets import Dataset
+
+    stream = PairStream(config, tokenizer, rank=0, world_size=1)
+    pairs = [p for rec in stream._upstream(0) for p in stream.pairs_of(rec)]
+    if not pairs:
+        raise ValueError(f"No usable pairs in {[s.paths for s in config.sources]} (split {config.split!r}); "
+                         f"dropped: {stream.stats.dropped or 'none'}.")
+    stream.stats.pairs = len(pairs)
+    columns = sorted(set().union(*pairs))
+    return Dataset.from_dict({c: [p.get(c) for p in pairs] for c in columns}), stream.stats
+
+
+def _records(files: list[str], source: int) -> Iterator[dict[str, Any]]:
+    """Generator behind the upstream IterableDataset: one shard = a sub-list of files, read in order."""
+    from rm_scale.sources import iter_records
+
+    for path in files:
+        for rec in iter_records(path):
+            row = rec.get("row")
+            yield {"file": rec["file"], "line": rec["line"], "text": rec.get("text"), "error": rec.get("error"),
+                   "row": None if row is None else json.dumps(row, default=str), "source": source}
 
 
 def _pair_length(pair: dict[str, Any]) -> int:

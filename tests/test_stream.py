@@ -46,7 +46,7 @@ def _ids(batches, tok):
 
 
 def _stream(files, tok, rank=0, world=1, **kw):
-    cfg = dict(files=files, pairs_per_batch=4, block_size=8, seed=1)
+    cfg = dict(sources=files, pairs_per_batch=4, block_size=8, seed=1)
     cfg.update(kw)
     return PairStream(StreamConfig(**cfg), tok, rank=rank, world_size=world)
 
@@ -99,16 +99,72 @@ def test_token_budget_caps_padded_tokens(files, tok):
     assert stream.stats.pairs == 37
 
 
-def test_bad_rows_are_skipped_and_counted(tmp_path, tok):
+def _bad_file(tmp_path):
+    good = {"prompt": "User: a", "chosen": " Sure", "rejected": " no"}
+    lines = [
+        json.dumps(good).encode(),                                                          # 1 ok
+        json.dumps({"prompt": "User: b", "chosen": " same", "rejected": " same"}).encode(),  # 2 identical
+        json.dumps({"prompt": "User: c", "chosen": None, "rejected": " no"}).encode(),       # 3 not text
+        json.dumps({"prompt": "User: " + "rice " * 50, "chosen": " Sure", "rejected": " no"}).encode(),  # 4 long
+        b'{"prompt": "User: d", "chosen": " Sure", ',                                         # 5 malformed
+        json.dumps({"prompt": "User: e", "rejected": " no"}).encode(),                       # 6 missing field
+        json.dumps({"prompt": "User: f", "chosen": "  ", "rejected": " no"}).encode(),       # 7 empty field
+        b'{"prompt": "User: g", "chosen": "\xff\xfe", "rejected": " no"}'.replace(b"\\xff\\xfe", b"\xff\xfe"),  # 8 bad UTF-8
+    ]
     path = tmp_path / "bad.jsonl"
-    rows = [{"prompt": "User: a", "chosen": " Sure", "rejected": " no"},
-            {"prompt": "User: b", "chosen": " same", "rejected": " same"},
-            {"prompt": "User: c", "chosen": None, "rejected": " no"},
-            {"prompt": "User: " + "rice " * 50, "chosen": " Sure", "rejected": " no"}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stream = _stream([str(path)], tok, max_length=20)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    return path, empty
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, tok):
+    path, empty = _bad_file(tmp_path)
+    stream = _stream([str(path), str(empty)], tok, max_length=20)
     assert sum(b["input_ids_chosen"].shape[0] for b in stream) == 1
-    assert stream.stats.dropped == {"identical chosen and rejected": 1, "malformed": 1, "longer than max_length=20": 1}
+    assert stream.stats.dropped == {
+        "identical chosen and rejected": 1, "not text": 1, "longer than max_length=20": 1, "malformed JSON": 1,
+        "missing field": 1, "empty field": 1, "bad UTF-8": 1, "empty file": 1,
+    }
+
+
+@pytest.mark.parametrize("line,field", [(2, "chosen"), (3, "chosen"), (5, None), (6, "chosen"), (8, None)])
+def test_strict_mode_names_file_line_field_and_fix(tmp_path, tok, line, field):
+    path, _ = _bad_file(tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    only = tmp_path / "one.jsonl"
+    only.write_bytes(lines[0] + b"\n" + lines[line - 1] + b"\n")
+    with pytest.raises(ValueError) as err:
+        list(_stream([str(only)], tok, strict=True))
+    message = str(err.value)
+    assert f"{only}:2" in message
+    if field:
+        assert repr(field) in message
+    assert any(word in message for word in ("fix", "drop", "map your column", "delete"))
+
+
+def test_column_mapping_and_multi_response_rows(tmp_path, tok):
+    mapped = tmp_path / "mapped.jsonl"
+    mapped.write_text(json.dumps({"q": "User: 1", "good": " Sure", "bad": " no", "grp": "a"}) + "\n")
+    multi = tmp_path / "multi.json"
+    multi.write_text(json.dumps([{"question": "User: 2", "prediction 1": "Sure", "prediction 2": "no",
+                                  "prediction 3": "Sure thing", "preference": [1, 0, 2]}]))
+    stream = _stream([{"path": str(mapped), "columns": {"prompt": "q", "chosen": "good", "rejected": "bad",
+                                                        "subset": "grp"}}], tok)
+    assert sum(b["input_ids_chosen"].shape[0] for b in stream) == 1 and not stream.stats.dropped
+    stream = _stream([str(multi)], tok)
+    # 3 responses: 1>2 kept, 1=3 tie dropped and counted, 3>2 kept
+    assert sum(b["input_ids_chosen"].shape[0] for b in stream) == 2 and stream.stats.dropped == {"tie": 1}
+
+
+def test_sources_mix_by_weight_and_every_source_is_seen(files, tok):
+    """Weights are sampling rates: an epoch ends once every source was seen whole; a heavy small source repeats."""
+    heavy_small = {"path": files[1], "weight": 4.0}  # 4 pairs (ids 9..12)
+    light_big = {"path": files[2], "weight": 1.0}  # 11 pairs (ids 13..23)
+    ids = _ids(list(_stream([heavy_small, light_big], tok)), tok)
+    assert set(ids) == set(range(9, 24))
+    small = sum(1 for i in ids if i < 13)
+    assert small > 4  # the small source was sampled more than once through
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")
@@ -116,9 +172,35 @@ def test_length_grouping_cuts_padding_on_hh_rlhf(tok):
     """Padding efficiency (real / computed tokens) on real hh-rlhf transcripts: grouped batching beats plain."""
     eff = {}
     for batching in ("fixed", "length_grouped"):
-        stream = PairStream(StreamConfig(files=[str(HH)], pairs_per_batch=8, block_size=1024, max_length=512,
+        stream = PairStream(StreamConfig(sources=[str(HH)], pairs_per_batch=8, block_size=1024, max_length=512,
                                          batching=batching), tok, rank=0, world_size=1)
         n = sum(b["input_ids_chosen"].shape[0] for b in stream)
         eff[batching] = stream.stats.real_tokens / stream.stats.padded_tokens
     assert n > 1500
     assert eff["length_grouped"] > eff["fixed"] + 0.2, eff
+
+
+FG = SHARED / "finegrained-qa-feedback" / "dev_feedback.json"
+
+
+@pytest.mark.skipif(not FG.exists(), reason=f"real data not found at {FG} (shared/data beside the checkout)")
+def test_multi_response_real_data_expands_to_pairs_and_splits_by_prompt(tok):
+    """FineGrainedRLHF: 4 answers and 6 pairwise labels per question; ties dropped and counted; the eval split is
+    by question, never by pair."""
+    from rm_scale.stream import materialize_pairs
+
+    common = dict(sources=[str(FG)], pairs_per_batch=8, max_length=None, seed=0, eval_fraction=0.2)
+    train, train_stats = materialize_pairs(StreamConfig(split="train", **common), tok)
+    held, held_stats = materialize_pairs(StreamConfig(split="eval", **common), tok)
+    labels = json.loads(FG.read_text())
+    ties = sum(label == 0 for row in labels for label in row["preference"])
+    assert train_stats.dropped["tie"] + held_stats.dropped["tie"] == ties
+    other = sum(n for stats in (train_stats, held_stats) for reason, n in stats.dropped.items() if reason != "tie")
+    assert other < 20, (train_stats.dropped, held_stats.dropped)  # near-duplicate answers: a few identical pairs
+    assert len(train) + len(held) + other == 6 * len(labels) - ties
+    assert 0.1 < len(held) / (len(train) + len(held)) < 0.3
+
+    def prompts(ds):
+        return {tok.decode(ids).split("\n")[0] for ids in ds["input_ids_chosen"]}
+
+    assert not prompts(train) & prompts(held)
