@@ -90,7 +90,9 @@ def _pair_columns(chosen: list[int], rejected: list[int]) -> dict[str, list[int]
     }
 
 
-def prepare_dataset(dataset: Any, tokenizer: Any, *, max_length: int | None, num_proc: int | None = None) -> Any:
+def prepare_dataset(
+    dataset: Any, tokenizer: Any, *, max_length: int | None, num_proc: int | None = None, truncation: str = "drop"
+) -> Any:
     """Tokenise a `datasets.Dataset` of any recognised format and drop pairs longer than ``max_length``.
 
     Returns the tokenised data set; the number of dropped pairs is logged by the caller from the length difference.
@@ -105,6 +107,11 @@ def prepare_dataset(dataset: Any, tokenizer: Any, *, max_length: int | None, num
             num_proc=num_proc,
             desc=f"Tokenising ({fmt})",
         )
+    if max_length is not None and truncation == "keep_end":
+        from rm_scale.stream import truncate_pair
+
+        return dataset.map(truncate_pair, fn_kwargs={"limit": max_length}, num_proc=num_proc,
+                           desc=f"Keeping the last {max_length} tokens")
     if max_length is not None:
         dataset = dataset.filter(
             lambda r: len(r["input_ids_chosen"]) <= max_length and len(r["input_ids_rejected"]) <= max_length,

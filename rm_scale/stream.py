@@ -26,6 +26,7 @@ import torch
 from rm_scale.data import RewardDataCollatorWithPadding, tokenize_canonical
 
 BATCHING = ("fixed", "length_grouped", "token_budget")
+TRUNCATION = ("drop", "keep_end")
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,15 @@ class StreamConfig:
     eval_fraction: float = 0.0  # pairs whose prompt hashes below this are held out for evaluation
     split: str = "train"  # with eval_fraction: "train" keeps the other prompts, "eval" only the held-out ones
     strict: bool = False  # a bad row raises (file, line, field, fix) instead of being skipped and counted
+    truncation: str = "drop"  # over-long pairs: "drop" (counted) or "keep_end" (keep the last max_length tokens)
 
     def __post_init__(self) -> None:
         from rm_scale.sources import Source, parse_sources
 
         if not all(isinstance(x, Source) for x in self.sources):
             self.sources = parse_sources(list(self.sources))
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {TRUNCATION}, got {self.truncation!r}.")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}.")
         if self.batching == "token_budget" and not self.token_budget:
@@ -71,6 +75,7 @@ class StreamStats:
     """Counts of this rank's pass so far (reported with the run)."""
 
     pairs: int = 0
+    truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     real_tokens: int = 0
     padded_tokens: int = 0
@@ -200,6 +205,10 @@ class PairStream(torch.utils.data.IterableDataset):
                 elif tokens["input_ids_chosen"] == tokens["input_ids_rejected"]:
                     problem = BadRow("identical chosen and rejected", "chosen and rejected tokenise to the same ids; "
                                      "drop the row", where=where)
+                elif limit is not None and _pair_length(tokens) > limit and self.config.truncation == "keep_end":
+                    out.append(truncate_pair(tokens, limit))
+                    self.stats.truncated += 1
+                    continue
                 elif limit is not None and _pair_length(tokens) > limit:
                     problem = BadRow(f"longer than max_length={limit}", f"pair has {_pair_length(tokens)} tokens > "
                                      f"max_length={limit}: raise max_length or drop the row", where=where)
@@ -262,6 +271,15 @@ def _records(files: list[str], source: int) -> Iterator[dict[str, Any]]:
             row = rec.get("row")
             yield {"file": rec["file"], "line": rec["line"], "text": rec.get("text"), "error": rec.get("error"),
                    "row": None if row is None else json.dumps(row, default=str), "source": source}
+
+
+def truncate_pair(pair: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Keep the last ``limit`` tokens of each side: the response end (where the reward is read) and the prompt tail."""
+    out = dict(pair)
+    for side in ("chosen", "rejected"):
+        out[f"input_ids_{side}"] = pair[f"input_ids_{side}"][-limit:]
+        out[f"attention_mask_{side}"] = pair[f"attention_mask_{side}"][-limit:]
+    return out
 
 
 def _pair_length(pair: dict[str, Any]) -> int:

@@ -16,7 +16,7 @@ HH = SHARED / "hh-rlhf-harmless-base" / "pairs.jsonl.gz"
 
 @pytest.fixture(scope="module")
 def tok():
-    return make_tokenizer(demo_corpus() + [" ".join(str(i) for i in range(100))])
+    return make_tokenizer(demo_corpus() + [" ".join(str(i) for i in range(100)) + " user assistant"])
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,28 @@ def test_multi_response_real_data_expands_to_pairs_and_splits_by_prompt(tok):
         return {tok.decode(ids).split("\n")[0] for ids in ds["input_ids_chosen"]}
 
     assert not prompts(train) & prompts(held)
+
+
+def test_conversational_rows_go_through_the_chat_template(tmp_path, tok):
+    path = tmp_path / "chat.jsonl"
+    prompt = [{"role": "user", "content": "How do I cook rice?"}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Rinse the rice"}],
+             "rejected": [{"role": "assistant", "content": "Not my problem."}]},
+            {"chosen": prompt + [{"role": "assistant", "content": "Sure"}],
+             "rejected": prompt + [{"role": "assistant", "content": "no"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stream = _stream([str(path)], tok)
+    batch = next(iter(stream))
+    texts = [tok.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids_chosen"], batch["attention_mask_chosen"])]
+    assert sorted(t.split()[0] for t in texts) == ["user", "user"]
+    assert any("assistant" in t and "Rinse" in t for t in texts)
+
+
+def test_keep_end_truncation_keeps_the_response_end(tmp_path, tok):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "User: " + "rice " * 40, "chosen": " Sure", "rejected": " no"}) + "\n")
+    stream = _stream([str(path)], tok, max_length=10, truncation="keep_end")
+    batch = next(iter(stream))
+    assert batch["input_ids_chosen"].shape[1] == 10
+    assert batch["input_ids_chosen"][0, -1].item() == tok.eos_token_id
+    assert stream.stats.truncated == 1 and not stream.stats.dropped

@@ -17,9 +17,11 @@ def make_tokenizer(corpus: list[str]):
     tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIALS, vocab_size=2000))
-    return PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
     )
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} <eos> {% endfor %}"
+    return tok
 
 
 def demo_corpus() -> list[str]:
