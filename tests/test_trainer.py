@@ -100,3 +100,33 @@ def test_bad_config_values_name_the_field():
         RewardConfig(output_dir="/tmp/x", center_rewards_coefficient=-1.0)
     with pytest.raises(ValueError, match="max_length"):
         RewardConfig(output_dir="/tmp/x", max_length=1)
+
+
+def test_strict_data_stops_before_the_first_step(tiny_dir, tmp_path):
+    from rm_scale.stream import PairFiles
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "User: a", "chosen": " Sure", "rejected": " no"}) + "\n" + "{oops\n")
+    trainer = RewardTrainer(model=str(tiny_dir), args=_args(tmp_path / "out", strict_data=True, max_steps=2),
+                            tokenizer=AutoTokenizer.from_pretrained(tiny_dir), train_dataset=PairFiles([str(path)]))
+    with pytest.raises(ValueError, match=f"{path}:2: malformed JSON"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_streamed_training_with_a_background_worker_sees_the_same_batches(tiny_dir, tmp_path):
+    """dataloader_num_workers=1 tokenises in a worker process; batches, losses and epochs match 0 workers."""
+    from rm_scale.stream import PairFiles
+
+    data = PairFiles(["rm_scale:demo/eval"])  # 128 pairs: 16 steps of 8 = one epoch, then a second one
+    losses = {}
+    for workers in (0, 1):
+        args = _args(tmp_path / f"w{workers}", max_steps=20, logging_steps=1, dataloader_num_workers=workers,
+                     batching="length_grouped")
+        trainer = RewardTrainer(model=load_reward_model(str(tiny_dir)), args=args,
+                                tokenizer=AutoTokenizer.from_pretrained(tiny_dir), train_dataset=data)
+        trainer.train()
+        losses[workers] = [h["loss_exact"] for h in trainer.state.log_history if "loss_exact" in h]
+        assert trainer._data_state["epoch"] == 1  # the stream went on into its second pass
+    assert len(losses[0]) == 20
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
