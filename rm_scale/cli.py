@@ -1,6 +1,8 @@
-"""`rm-scale` command line: `train`, `demo`.
+"""`rm-scale` command line: `train`, `eval`, `inspect-data`, `demo`.
 
     rm-scale train --config recipe.yaml [--key value ...] [--dry-run]
+    rm-scale eval --model outputs/run/final --data test.jsonl [--json]
+    rm-scale inspect-data data/*.jsonl.gz --world-size 8 [--json]
     accelerate launch --config_file launch/zero3.yaml -m rm_scale train --config recipes/zero3.yaml
 """
 
@@ -25,10 +27,37 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--launch-config", help="with --dry-run: the accelerate YAML whose DeepSpeed JSON and process count to show"
     )
+    ev = sub.add_parser("eval", help="score a trained model on preference files: accuracy (per subset), rewards, PNG")
+    ev.add_argument("--model", required=True, help="a saved model folder (<output_dir>/final) or a PEFT adapter folder")
+    ev.add_argument("--data", required=True, nargs="+", help="preference files (.jsonl/.json/.parquet/.csv, globs)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-length", type=int, help="drop (and count) pairs with a longer side; default: keep all")
+    ev.add_argument("--plot", help="where to write the PNG (default: <model>/reward_eval.png)")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    ins = sub.add_parser("inspect-data", help="what the trainer would see: format, kept/dropped pairs, per-rank "
+                         "counts, lengths, padding efficiency")
+    ins.add_argument("paths", nargs="+", help="preference files, globs, folders")
+    ins.add_argument("--model", default="rm_scale:smollm2-135m-instruct", help="tokenizer to use (folder or name)")
+    ins.add_argument("--world-size", type=int, default=1)
+    ins.add_argument("--pairs-per-batch", type=int, default=8, help="per_device_train_batch_size")
+    ins.add_argument("--max-length", type=int, default=1024)
+    ins.add_argument("--batching", default="length_grouped", choices=["fixed", "length_grouped", "token_budget"])
+    ins.add_argument("--token-budget", type=int)
+    ins.add_argument("--strict", action="store_true", help="stop at the first bad row with file, line, field, fix")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
     demo = sub.add_parser("demo", help="the embedded default: 2-rank ZeRO-3 training of SmolLM2-135M on demo pairs")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--num-processes", type=int, default=2)
     args, rest = parser.parse_known_args(argv)
+    try:
+        return _dispatch(parser, args, rest)
+    except ValueError as e:  # a user's input: the message names the file/field and the fix; no traceback
+        print(f"rm-scale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "train":
         from rm_scale.recipe import load_recipe
 
@@ -41,6 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.command == "eval":
+        from rm_scale.evaluate import run_eval
+
+        return run_eval(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
+                        as_json=args.json, plot_path=args.plot, dtype=args.dtype)
+    if args.command == "inspect-data":
+        from rm_scale.inspect_data import run_inspect
+
+        return run_inspect(args.paths, model=args.model, world_size=args.world_size,
+                           pairs_per_batch=args.pairs_per_batch, max_length=args.max_length, batching=args.batching,
+                           token_budget=args.token_budget, strict=args.strict, as_json=args.json)
     from rm_scale.demo import run_demo
 
     return run_demo(output_dir=args.output_dir, num_processes=args.num_processes)

@@ -9,7 +9,7 @@ from functools import cached_property
 import torch
 from transformers import TrainingArguments
 
-from rm_scale.stream import BATCHING
+from rm_scale.stream import check_batching
 
 
 @dataclass
@@ -25,8 +25,8 @@ class RewardConfig(TrainingArguments):
     max_length: int | None = field(
         default=1024,
         metadata={
-            "help": "Longest tokenised sequence (prompt + response, per side). Pairs with a longer side are dropped "
-            "(and counted) when text is tokenised; pre-tokenised rows longer than this raise. None: no limit."
+            "help": "Longest tokenised sequence (prompt + response, per side). A pair with a longer side is dropped "
+            "and counted, or cut to its last max_length tokens (see truncation). None: no limit."
         },
     )
     center_rewards_coefficient: float | None = field(
@@ -72,6 +72,14 @@ class RewardConfig(TrainingArguments):
             "the streamed training data, for evaluation (recipes: data.eval: split)."
         },
     )
+    truncation: str = field(
+        default="drop",
+        metadata={
+            "help": "Pairs with a side longer than max_length: 'drop' them (counted in the run's data report) or "
+            "'keep_end': keep the last max_length tokens (the response end, where the reward is read, and the prompt "
+            "tail). Streamed and file-based data."
+        },
+    )
     strict_data: bool = field(
         default=False,
         metadata={
@@ -83,6 +91,38 @@ class RewardConfig(TrainingArguments):
         default=False,
         metadata={"help": "Kept False: the pair columns are consumed by the trainer, not by the model's forward."},
     )
+    save_on_signal: bool = field(
+        default=True,
+        metadata={
+            "help": "On SIGUSR1 or SIGTERM (Slurm time limit, preemption, scancel, kill), every rank finishes the "
+            "current optimizer step, a full checkpoint is saved, and train() raises TrainingPreempted: the process "
+            "exits with code 75 (rm_scale.preemption). Resume with resume_from_checkpoint: auto."
+        },
+    )
+    requeue_on_signal: bool = field(
+        default=True,
+        metadata={
+            "help": "After the checkpoint triggered by SIGUSR1 inside a Slurm job, rank 0 runs `scontrol requeue "
+            "$SLURM_JOB_ID` (SIGTERM never requeues: scancel sends it too)."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint folder; 'auto': the latest complete checkpoint of output_dir if there is one, else "
+            "start fresh; true: the latest complete checkpoint (an error if none). Complete = has "
+            "rm_scale_complete.json, written after every rank finished the save. Read by rm-scale train; pass it to "
+            "RewardTrainer.train(resume_from_checkpoint=...) in your own scripts."
+        },
+    )
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Seconds a collective may wait (gloo and NCCL process groups, also the gloo group RewardConfig "
+            "starts itself). A rank that hangs or vanishes makes the others fail after this long instead of "
+            "blocking forever; the launcher then ends the job non-zero."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.ddp_backend is None and not torch.cuda.is_available() and _launched_world_size() > 1:
@@ -91,10 +131,7 @@ class RewardConfig(TrainingArguments):
             self.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"RewardConfig.max_length must be >= 2 or None, got {self.max_length}.")
-        if self.batching not in BATCHING:
-            raise ValueError(f"RewardConfig.batching must be one of {BATCHING}, got {self.batching!r}.")
-        if self.batching == "token_budget" and not self.token_budget:
-            raise ValueError("RewardConfig.batching='token_budget' needs token_budget (padded tokens per micro-batch).")
+        check_batching(batching=self.batching, token_budget=self.token_budget, truncation=self.truncation)
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ValueError(
                 f"RewardConfig.center_rewards_coefficient must be >= 0 (or None to disable), got "

@@ -142,3 +142,33 @@ def disable_dropout(model: nn.Module) -> None:
         for attr in ("attention_dropout", "dropout"):
             if isinstance(getattr(module, attr, None), float):
                 setattr(module, attr, 0.0)
+
+
+# Reward statistics of the final evaluation, exported with the model so rewards can be normalised later:
+# (reward - rm_scale_reward_mean) / rm_scale_reward_std. A full model keeps them in config.json (model.config); a PEFT
+# adapter folder has no config.json of the base model, so they go to reward_stats.json beside the adapter.
+REWARD_STATS_PREFIX = "rm_scale_"
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def set_reward_stats(model: nn.Module, stats: dict[str, float]) -> None:
+    """Put ``stats`` (keys starting with ``rm_scale_``) in the model config; `save_pretrained` writes them out."""
+    assert all(k.startswith(REWARD_STATS_PREFIX) for k in stats), stats
+    config = base_model(model).config
+    for key, value in stats.items():
+        setattr(config, key, value)
+
+
+def read_reward_stats(model_dir: str) -> dict[str, float]:
+    """The reward statistics saved with a model folder (full model or PEFT adapter); empty when there are none."""
+    import json
+    import os
+
+    for name in (REWARD_STATS_FILE, "config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                stats = {k: v for k, v in json.load(f).items() if k.startswith(REWARD_STATS_PREFIX)}
+            if stats:
+                return stats
+    return {}

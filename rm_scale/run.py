@@ -16,9 +16,10 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from rm_scale.config import RewardConfig
-    from rm_scale.model import load_reward_model
-    from rm_scale.recipe import load_preference_files, resolve_model_path
+    from rm_scale.model import REWARD_STATS_FILE, load_reward_model, set_reward_stats
+    from rm_scale.recipe import resolve_model_path
     from rm_scale.trainer import RewardTrainer
+    from rm_scale.wandb_logging import set_wandb_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed calls torch's renamed collectives on every step; the rename warning would flood the log.
@@ -26,6 +27,7 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
     # RewardConfig first: it starts the process group and, under ZeRO-3, makes from_pretrained load partitioned.
     args = RewardConfig(**recipe["train"])
+    _preflight(recipe, args)  # clear errors now, not after the model is loaded
     model_cfg = recipe["model"]
     path = resolve_model_path(model_cfg["name_or_path"])
     trust = bool(model_cfg.get("trust_remote_code", False))
@@ -38,9 +40,7 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
         from peft import LoraConfig, TaskType
 
         peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, **recipe["lora"])
-    train_data = load_preference_files(recipe["data"]["train"])
-    eval_files = recipe["data"].get("eval")
-    eval_data = load_preference_files(eval_files) if eval_files else None
+    train_data, eval_data, data_report = _data(recipe["data"], args, tokenizer)
 
     trainer = RewardTrainer(
         model=model,
@@ -50,15 +50,100 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_data,
         peft_config=peft_config,
     )
+    set_wandb_recipe(trainer, recipe)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_data is not None else {}
     final_dir = os.path.join(args.output_dir, "final")
+    stream_report = trainer.stream_report()  # collective: every rank
+    stats = _reward_stats(metrics, pairs=len(trainer.eval_dataset)) if metrics else {}
+    set_reward_stats(trainer.model, stats)  # every rank: under ZeRO-3 save_model is collective
     trainer.save_model(final_dir)
     if trainer.is_world_process_zero():
+        if stats and peft_config is not None:  # an adapter folder has no config.json of the model
+            with open(os.path.join(final_dir, REWARD_STATS_FILE), "w") as f:
+                json.dump(stats, f, indent=2)
         with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
+        data_report["train_stream_per_rank"] = stream_report
+        with open(os.path.join(args.output_dir, "data_report.json"), "w") as f:
+            json.dump(data_report, f, indent=2)
+        for name, part in data_report.items():
+            dropped = part.get("dropped") if isinstance(part, dict) else None
+            if dropped:
+                print(f"rm_scale: {name}: skipped rows by reason {dropped} (see data_report.json)")
         print(f"rm_scale: model saved to {final_dir}")
         if metrics:
             print(f"rm_scale: held-out accuracy {metrics['eval_accuracy']:.3f} on {len(eval_data)} pairs")
         print(f"rm_scale: metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
     return metrics
+
+
+def _preflight(recipe: dict[str, Any], args: Any) -> None:
+    """Check what would otherwise fail late, on every rank: the data paths exist, output_dir is writable, and the
+    checkpoint to resume from (``resume_from_checkpoint: auto`` resolved here, once) fits this world size."""
+    from rm_scale import checkpoint as ckpt
+    from rm_scale.sources import parse_sources, resolve_files
+
+    for key in ("train", "eval"):
+        spec = recipe["data"].get(key)
+        if spec is not None and spec != "split":
+            for source in parse_sources(spec):
+                resolve_files(source.paths)  # "Data path ... matches no file"
+    ckpt.check_writable(args.output_dir)
+    args.resume_from_checkpoint = ckpt.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint is not None:
+        streaming = recipe["data"].get("streaming", "auto")
+        streaming = args.max_steps > 0 if streaming == "auto" else bool(streaming)
+        plugin = getattr(args, "deepspeed_plugin", None)
+        per_rank = None
+        if streaming:
+            per_rank = "streamed data positions are per rank"
+        elif plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+            per_rank = "ZeRO-3 shards are per rank"
+        ckpt.check_world_size(args.resume_from_checkpoint, args.world_size, per_rank=per_rank)
+
+
+def _reward_stats(metrics: dict[str, float], *, pairs: int) -> dict[str, float]:
+    """Final-evaluation reward statistics saved with the model (rm_scale.model.read_reward_stats reads them)."""
+    return {
+        "rm_scale_reward_mean": metrics["eval_rewards_mean"],
+        "rm_scale_reward_std": metrics["eval_rewards_std"],
+        "rm_scale_eval_accuracy": metrics["eval_accuracy"],
+        "rm_scale_eval_pairs": pairs,
+    }
+
+
+def _data(data: dict[str, Any], args: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Training data (a per-rank stream, or a map-style set) and evaluation set, with their drop counts.
+
+    `data.eval` is files, or `split`: the prompts that `train.eval_fraction` holds out of the training sources.
+    """
+    import dataclasses
+
+    from rm_scale.sources import parse_sources
+    from rm_scale.stream import PairFiles, StreamConfig, materialize_pairs
+
+    sources = parse_sources(data["train"])
+    streaming = data.get("streaming", "auto")
+    if streaming == "auto":
+        streaming = args.max_steps > 0  # a stream has no length: the run must be measured in steps
+    common = dict(pairs_per_batch=args.per_device_train_batch_size, max_length=args.max_length, seed=args.seed,
+                  strict=args.strict_data, eval_fraction=args.eval_fraction, truncation=args.truncation)
+    report: dict[str, Any] = {}
+    if streaming:
+        train = PairFiles(sources)
+    else:
+        train, stats = materialize_pairs(StreamConfig(sources=sources, split="train", **common), tokenizer)
+        report["train"] = dataclasses.asdict(stats)
+    spec = data.get("eval")
+    if spec is None:
+        return train, None, report
+    if spec == "split":
+        if not args.eval_fraction:
+            raise ValueError("data.eval: split needs train.eval_fraction > 0 (the share of prompts held out).")
+        config = StreamConfig(sources=sources, split="eval", **common)
+    else:
+        config = StreamConfig(sources=parse_sources(spec), split="train", **{**common, "eval_fraction": 0.0})
+    evaluation, stats = materialize_pairs(config, tokenizer)
+    report["eval"] = dataclasses.asdict(stats)
+    return train, evaluation, report

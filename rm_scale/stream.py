@@ -29,6 +29,16 @@ BATCHING = ("fixed", "length_grouped", "token_budget")
 TRUNCATION = ("drop", "keep_end")
 
 
+def check_batching(*, batching: str, token_budget: int | None, truncation: str) -> None:
+    """Validate the batching options (shared by RewardConfig and StreamConfig)."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}.")
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}.")
+    if batching == "token_budget" and not token_budget:
+        raise ValueError("batching='token_budget' needs token_budget (max padded tokens per micro-batch).")
+
+
 @dataclass(frozen=True)
 class PairFiles:
     """Preference data to stream: `RewardTrainer(train_dataset=PairFiles(["data/*.jsonl"]))`. Each item is a path
@@ -60,12 +70,7 @@ class StreamConfig:
 
         if not all(isinstance(x, Source) for x in self.sources):
             self.sources = parse_sources(list(self.sources))
-        if self.truncation not in TRUNCATION:
-            raise ValueError(f"truncation must be one of {TRUNCATION}, got {self.truncation!r}.")
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}.")
-        if self.batching == "token_budget" and not self.token_budget:
-            raise ValueError('batching="token_budget" needs token_budget (max padded tokens per micro-batch).')
+        check_batching(batching=self.batching, token_budget=self.token_budget, truncation=self.truncation)
         if self.pairs_per_batch < 1 or self.block_size < self.pairs_per_batch:
             raise ValueError("Need 1 <= pairs_per_batch <= block_size.")
 

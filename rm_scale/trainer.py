@@ -10,24 +10,39 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+import shutil
+from pathlib import Path
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
+from rm_scale import checkpoint as ckpt
 from rm_scale.config import RewardConfig
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.loss import bradley_terry_sums, total_loss
 from rm_scale.model import SCORE_HEAD_NAMES, base_model, disable_dropout, forward_rewards, load_reward_model
+from rm_scale.preemption import PreemptionCallback, TrainingPreempted, slurm_requeue
+from rm_scale.stream import PairFiles, PairStream, StreamConfig, padding_batch
 
 logger = logging.getLogger(__name__)
 
 # Order of the per-step metric sums kept on device and reduced once per logging step.
-_SUM_KEYS = ("pairs", "bt", "center", "correct", "margin", "chosen", "chosen_sq", "rejected", "rejected_sq")
+_SUM_KEYS = ("pairs", "bt", "center", "correct", "margin", "chosen", "chosen_sq", "rejected", "rejected_sq",
+             "real_tokens", "padded_tokens")
+
+
+class EvalRewards(NamedTuple):
+    """What the latest evaluation loop saw: its metric prefix, its data set and ``rewards[:, (chosen, rejected)]``."""
+
+    prefix: str
+    dataset: Any
+    rewards: np.ndarray | None
 
 
 def compute_reward_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
@@ -93,7 +108,35 @@ class RewardTrainer(Trainer):
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
 
-        train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
+        self._stream: PairStream | None = None
+        if isinstance(train_dataset, PairFiles):
+            # Each rank streams its own shard; transformers/accelerate must neither shard nor skip batches again.
+            self._stream = PairStream(
+                StreamConfig(
+                    sources=train_dataset.files,
+                    pairs_per_batch=args.per_device_train_batch_size,
+                    max_length=args.max_length,
+                    batching=args.batching,
+                    token_budget=args.token_budget,
+                    block_size=args.stream_block_size,
+                    seed=args.seed,
+                    eval_fraction=args.eval_fraction,
+                    strict=args.strict_data,
+                    truncation=args.truncation,
+                ),
+                processing_class,
+                rank=args.process_index,
+                world_size=args.world_size,
+            )
+            args.ignore_data_skip = True
+            if args.dataloader_num_workers > 1:
+                raise ValueError(
+                    "Streaming keeps batch order exact with dataloader_num_workers 0 or 1 (1 tokenises in the "
+                    f"background); got {args.dataloader_num_workers}."
+                )
+            train_dataset = self._stream
+        else:
+            train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, Mapping):
             eval_dataset = {k: self._tokenize(v, processing_class, args, f"eval {k}") for k, v in eval_dataset.items()}
         else:
@@ -115,6 +158,18 @@ class RewardTrainer(Trainer):
         # compute_loss already divides by the pairs of the whole step: no further division by GAS.
         self.loss_is_scaled_for_ga = True
         self._sums: torch.Tensor | None = None
+        self._last_log_time: float | None = None  # for pairs/s and tokens/s between logging steps
+        self._data_state: dict[str, Any] | None = None  # resume state after the last micro-batch consumed
+        self.last_eval: EvalRewards | None = None  # rewards of the latest evaluation (W&B histograms, tables)
+        if "wandb" in self.args.report_to:  # adds run id/group/resume, the recipe, reward histograms, sample pairs
+            from rm_scale.wandb_logging import use_reward_wandb_callback
+
+            use_reward_wandb_callback(self)
+        # SIGUSR1/SIGTERM -> checkpoint at the next optimizer step, stop, exit 75 (rm_scale.preemption).
+        self._preemption: PreemptionCallback | None = None
+        if self.args.save_on_signal:
+            self._preemption = PreemptionCallback()
+            self.add_callback(self._preemption)
 
     @staticmethod
     def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:
@@ -122,7 +177,8 @@ class RewardTrainer(Trainer):
             return dataset
         before = len(dataset)
         with args.main_process_first(desc=f"tokenising the {name} data"):
-            dataset = prepare_dataset(dataset, tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc)
+            dataset = prepare_dataset(dataset, tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc,
+                                      truncation=args.truncation)
         dropped = before - len(dataset)
         if dropped:
             logger.warning(
@@ -139,7 +195,7 @@ class RewardTrainer(Trainer):
         """Pairs in the whole optimizer step: all micro-batches of this rank, summed over ranks. One collective."""
         if not batch_samples:
             return None
-        count = torch.tensor(sum(int(b["input_ids_chosen"].shape[0]) for b in batch_samples), device=device)
+        count = torch.tensor(sum(_real_pairs(b) for b in batch_samples), device=device)
         if self.args.world_size > 1:
             count = self.accelerator.reduce(count, reduction="sum")
         return count
@@ -151,6 +207,7 @@ class RewardTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        is_padding = bool(inputs.pop("_pad", False))
         n = inputs["input_ids_chosen"].shape[0]
         input_ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
         attention_mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
@@ -164,13 +221,16 @@ class RewardTrainer(Trainer):
             # gradient is the one of sum(all pairs) / pairs-in-step, whatever the layout of the job.
             loss = total_loss(sums, num_pairs=num_items_in_batch, center_coef=self.args.center_rewards_coefficient)
             loss = loss * self.accelerator.num_processes
-        if model.training:
-            self._accumulate(sums, chosen.detach(), rejected.detach())
+        if is_padding:
+            # A rank whose shard ran out still runs the forward/backward (ZeRO-3 collectives), with weight zero.
+            loss = loss * 0.0
+        elif model.training:
+            self._accumulate(sums, chosen.detach(), rejected.detach(), attention_mask)
         if return_outputs:
             return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
         return loss
 
-    def _accumulate(self, sums: Any, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    def _accumulate(self, sums: Any, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor) -> None:
         # Kept as device tensors: no host sync per micro-step; reduced across ranks once per logging step.
         step = torch.stack(
             [
@@ -183,9 +243,144 @@ class RewardTrainer(Trainer):
                 (chosen.float() ** 2).sum(),
                 rejected.float().sum(),
                 (rejected.float() ** 2).sum(),
+                mask.sum().float().to(chosen.device),
+                torch.tensor(float(mask.numel()), device=chosen.device),
             ]
         )
         self._sums = step if self._sums is None else self._sums + step
+
+    # ---- streaming data -------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> Any:
+        if self._stream is None:
+            return super().get_train_dataloader()
+        # batch_size=None: the stream yields whole micro-batches. Not passed through accelerator.prepare: the
+        # stream already reads only this rank's shard.
+        return torch.utils.data.DataLoader(
+            self._stream,
+            batch_size=None,
+            num_workers=self.args.dataloader_num_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor if self.args.dataloader_num_workers else None,
+        )
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        if self._stream is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            batch = next(epoch_iterator, None)
+            if batch is None:  # this rank's shard is done for the epoch; others may not be
+                batch = padding_batch(self.processing_class)
+            else:
+                self._data_state = batch.pop("_state")
+            batches.append(batch)
+        num_pairs = self._get_num_items_in_batch(batches, device)
+        if int(num_pairs) == 0:
+            # Every rank is out of data (one agreed count, so no rank waits in a collective): end the epoch here and
+            # start the next pass of the stream.
+            self.control.should_epoch_stop = True
+            if self._data_state is not None:
+                self._stream.epoch = self._data_state["epoch"] + 1
+            return [], None
+        return batches, num_pairs
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._stream is not None and self._data_state is not None:
+            path = Path(output_dir) / f"rm_scale_data_rank{self.args.process_index}.json"
+            path.write_text(json.dumps(self._data_state))
+
+    def stream_report(self) -> list[dict[str, Any]] | None:
+        """Each rank's stream counts (pairs, drops by reason, real and padded tokens). Collective: call on every rank."""
+        if self._stream is None:
+            return None
+        from accelerate.utils import gather_object
+
+        mine = (self._data_state or {}).get("stats", {})
+        return gather_object([mine]) if self.args.world_size > 1 else [mine]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`, plus: ``resume_from_checkpoint="auto"`` (the latest COMPLETE checkpoint of output_dir,
+        else a fresh start; True needs one), and a signal-triggered checkpoint that ends in `TrainingPreempted`."""
+        resume_from_checkpoint = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            self._check_resume_world_size(resume_from_checkpoint)
+            if self._stream is not None:
+                path = Path(resume_from_checkpoint) / f"rm_scale_data_rank{self.args.process_index}.json"
+                if not path.exists():
+                    raise ValueError(
+                        f"{path} is missing: the checkpoint has no data position for rank {self.args.process_index} "
+                        "(saved with another world size?). Resume with the world size it was saved with."
+                    )
+                self._data_state = json.loads(path.read_text())
+                self._stream.load_state_dict(self._data_state)
+            if self.args.should_save:
+                # The steps after the checkpoint are logged again: drop the first attempt's records of them.
+                dropped = ckpt.truncate_metrics(self.args.output_dir, ckpt.resumed_step(resume_from_checkpoint))
+                if dropped:
+                    logger.info("metrics.jsonl: dropped %d records logged after %s.", dropped, resume_from_checkpoint)
+        if self._stream is not None and self.args.strict_data:
+            # strict: a bad row stops the run here, before any training step, with its file, line and field
+            for _ in PairStream(self._stream.config, self.processing_class, rank=self._stream.rank,
+                                world_size=self._stream.world_size):
+                pass
+        if self._preemption is not None:
+            self._preemption.reset()
+            self._preemption.install()
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if self._preemption is not None:
+                self._preemption.uninstall()
+        if self._preemption is not None and self._preemption.stopped:
+            self._end_preempted()
+        return output
+
+    def _check_resume_world_size(self, checkpoint: str) -> None:
+        per_rank = None
+        if self._stream is not None:
+            per_rank = "streamed data positions are per rank"
+        elif self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3:
+            per_rank = "ZeRO-3 shards are per rank"
+        ckpt.check_world_size(checkpoint, self.args.world_size, per_rank=per_rank)
+
+    def _end_preempted(self) -> None:
+        """After the signal-triggered checkpoint: requeue (rank 0, Slurm, SIGUSR1), wait for every rank, raise."""
+        pre = self._preemption
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{pre.stop_step}")
+        requeued = False
+        if self.is_world_process_zero() and pre.wants_requeue and self.args.requeue_on_signal:
+            requeued = slurm_requeue()
+        # No rank leaves before rank 0 has committed the checkpoint and requeued: a launcher that sees one worker exit
+        # stops the others.
+        self.accelerator.wait_for_everyone()
+        raise TrainingPreempted(folder, pre.signal_names, requeued)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """transformers' save, committed atomically: marker and ``latest`` only once EVERY rank finished its part,
+        rotation (save_total_limit) only after that, over complete checkpoints (rm_scale.checkpoint)."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            # A save of this step cut short, or one of a run resumed from an earlier step: never mix two saves.
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # transformers would rotate before the save is committed
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank has written its shards, RNG state and data position
+        if self.args.should_save:
+            wandb_state = (self.state.stateful_callbacks or {}).get("rm_scale_wandb") or {}
+            ckpt.mark_complete(folder, {
+                "step": self.state.global_step,
+                "world_size": self.args.world_size,
+                "streamed": self._stream is not None,
+                "wandb_run_id": wandb_state.get("run_id"),
+            })
+            ckpt.rotate(run_dir, limit, keep=[folder, self.state.best_model_checkpoint])
 
     # ---- evaluation -------------------------------------------------------------------------------------------
 
@@ -206,20 +401,64 @@ class RewardTrainer(Trainer):
         # Labels are unused; transformers only calls compute_metrics when they are not None.
         return loss, logits, torch.zeros(logits.shape[0], device=logits.device)
 
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # The predictions are already gathered from every rank (in data-set order): keeping them costs nothing.
+        self.last_eval = EvalRewards(metric_key_prefix, getattr(dataloader, "dataset", None), output.predictions)
+        return output
+
     # ---- logging ----------------------------------------------------------------------------------------------
 
+    def _throughput(self, totals: dict[str, float]) -> dict[str, float]:
+        """Pairs/s and real tokens/s since the last log, padding efficiency, and the peak memory over ranks."""
+        now = time.perf_counter()
+        last, self._last_log_time = self._last_log_time, now
+        peak = torch.tensor(_peak_memory_gb(self.args.device), device=self.args.device)
+        if self.args.world_size > 1:
+            peak = self.accelerator.reduce(peak, reduction="max")
+        out = {"padding_efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1.0),
+               "peak_memory_gb": peak.item()}
+        if last is not None:
+            out["pairs_per_s"] = totals["pairs"] / (now - last)
+            out["tokens_per_s"] = totals["real_tokens"] / (now - last)
+        return out
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._sums is not None and "loss" in logs and "learning_rate" in logs:
-            sums = self._sums
+        # The condition must not depend on this rank's data (a rank may have logged only padding batches):
+        # every rank reaches this collective at the same step or none does.
+        if "loss" in logs and "learning_rate" in logs:
+            sums = self._sums if self._sums is not None else torch.zeros(len(_SUM_KEYS), device=self.args.device)
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
-            logs.update(_pair_metrics(dict(zip(_SUM_KEYS, sums.tolist())), self.args.center_rewards_coefficient))
+            totals = dict(zip(_SUM_KEYS, sums.tolist()))
+            logs.update(_pair_metrics(totals, self.args.center_rewards_coefficient))
+            logs.update(self._throughput(totals))
             self._sums = None
         super().log(logs, start_time)
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _real_pairs(batch: Mapping[str, Any]) -> int:
+    return 0 if batch.get("_pad", False) else int(batch["input_ids_chosen"].shape[0])
 
 
 def _pair_metrics(s: dict[str, float], center_coef: float | None) -> dict[str, float]:

@@ -19,9 +19,10 @@
 ##SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --requeue
-#   Slurm may requeue the job (node failure, preemption); we also requeue it ourselves on USR1 (see below).
+#   Slurm may requeue the job (node failure, preemption); rank 0 also requeues it after a USR1 checkpoint (see below).
 #SBATCH --signal=B:USR1@120
-#   USR1 to this batch shell ~120 s (Slurm: up to 60 s more) before the time limit.
+#   USR1 to this batch shell ~120 s (Slurm: up to 60 s more) before the time limit: forwarded to the ranks, which
+#   finish their step, save a checkpoint, requeue the job and exit. Raise 120 when a step + a save take longer.
 #SBATCH --open-mode=append
 #   A requeued run appends to the same log instead of truncating it.
 #SBATCH --output=%x-%j.out
@@ -38,8 +39,9 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-}                        # workers per node (defa
 MASTER_PORT=${MASTER_PORT:-}                            # rendezvous port on the head node (default: from job id)
 MASTER_ADDR=${MASTER_ADDR:-}                            # head node address (default: resolved from the node list)
 EXTRA_ARGS=${EXTRA_ARGS:-}                              # recipe overrides, e.g. "--max_steps 100 --lora.r 16"
-RESUME=${RESUME:-auto}                                  # auto: resume from the newest complete checkpoint; never
-REQUEUE_ON_USR1=${REQUEUE_ON_USR1:-1}                   # 1: on USR1 (time limit near) requeue this job
+RESUME=${RESUME:-auto}                                  # auto: resume from output_dir's latest complete checkpoint
+                                                        #   (else start fresh); never: leave it to the recipe
+REQUEUE_ON_USR1=${REQUEUE_ON_USR1:-1}                   # 1: after the USR1 checkpoint, requeue this job
 MAX_RESTARTS=${MAX_RESTARTS:-20}                        # stop requeueing after this many restarts
 
 die() { echo "rm_scale slurm: error: $*" >&2; exit 2; }
@@ -108,35 +110,18 @@ fi
 MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
 # ---- Resume ---------------------------------------------------------------------------------------------------------
-# rm_scale resumes through HF Trainer's `train.resume_from_checkpoint` (a checkpoint folder). With RESUME=auto, a
-# restarted or resubmitted job passes the newest checkpoint-<step> of the run's output_dir that has its
-# trainer_state.json (written last, so a save cut short is skipped) -- unless the recipe sets resume_from_checkpoint.
-# Checkpoints exist only when the recipe saves them (train.save_strategy: steps, train.save_steps: N).
+# RESUME=auto passes `--resume_from_checkpoint auto`: rm_scale resumes from the latest COMPLETE checkpoint of the
+# recipe's output_dir (one whose every rank finished writing it: rm_scale_complete.json), or starts fresh when there is
+# none. So a requeued or resubmitted job continues the run. Checkpoints come from the recipe's save_steps and from the
+# signal-triggered save (USR1/SIGTERM). Trailing overrides come after it and win.
 OVERRIDES=()
 read -r -a OVERRIDES <<<"$EXTRA_ARGS"
 OVERRIDES+=("$@")
 RESUME_ARGS=()
-if [ "$RESUME" = auto ]; then
-    CKPT=$("$PYTHON" - "$RECIPE" "${OVERRIDES[@]}" <<'PY'
-import os, re, sys
-import yaml
-recipe, args = sys.argv[1], sys.argv[2:]
-train = (yaml.safe_load(open(recipe)) or {}).get("train") or {}
-out, resume = train.get("output_dir"), train.get("resume_from_checkpoint")
-for flag, value in zip(args[::2], args[1::2]):  # the CLI's own override rule: --key value, last one wins
-    key = flag.lstrip("-").replace("-", "_").removeprefix("train.")
-    if key == "output_dir":
-        out = value
-    elif key == "resume_from_checkpoint":
-        resume = value
-if out and not resume and os.path.isdir(out):
-    steps = [(int(m.group(1)), d) for d in os.listdir(out) if (m := re.fullmatch(r"checkpoint-(\d+)", d))
-             and os.path.isfile(os.path.join(out, d, "trainer_state.json"))]
-    if steps:
-        print(os.path.join(out, max(steps)[1]))
-PY
-    )
-    if [ -n "$CKPT" ]; then RESUME_ARGS=(--resume_from_checkpoint "$CKPT"); fi
+[ "$RESUME" != auto ] || RESUME_ARGS=(--resume_from_checkpoint auto)
+# The ranks requeue the job after a USR1 checkpoint (rank 0 runs `scontrol requeue`) unless told not to.
+if [ "$REQUEUE_ON_USR1" != 1 ] || [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_RESTARTS" ]; then
+    RESUME_ARGS+=(--requeue_on_signal false)
 fi
 
 # ---- Command --------------------------------------------------------------------------------------------------------
@@ -152,7 +137,7 @@ LAUNCH=(--config_file "$ACCEL_CONFIG"
         --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
         --rdzv_backend static --same_network --deepspeed_multinode_launcher standard)
 [ -z "$DS_CONFIG" ] || LAUNCH+=(--deepspeed_config_file "$DS_CONFIG")
-TRAIN=(-m rm_scale train --config "$RECIPE" "${OVERRIDES[@]}" "${RESUME_ARGS[@]}")
+TRAIN=(-m rm_scale train --config "$RECIPE" "${RESUME_ARGS[@]}" "${OVERRIDES[@]}")
 
 echo "rm_scale slurm: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST ($NNODES)" \
      "head $HEAD_NODE=$MASTER_ADDR:$MASTER_PORT workers/node $GPUS_PER_NODE world $NUM_PROCESSES" \
@@ -162,19 +147,25 @@ echo "rm_scale slurm: per node (machine rank = that node's \$SLURM_NODEID):" \
      "$(printf '%q ' "${LAUNCH[@]}" "${TRAIN[@]}")"
 
 # ---- Time limit / preemption ------------------------------------------------------------------------------------------
-# USR1 arrives at this shell only (B:). rm_scale has no signal-triggered checkpoint yet: the work since the last
-# checkpoint is lost either way, so requeue now -- the restart resumes from that checkpoint (RESUME=auto) with a fresh
-# time limit -- instead of ending as TIMEOUT. srun runs in the background so that the trap runs at once (bash defers
-# traps while a foreground child runs).
-# shellcheck disable=SC2329  # invoked by the trap
+# USR1 (--signal=B:USR1@120, or `scancel --batch --signal=USR1`) reaches this shell only: forward it to srun, which
+# signals every process of the step on every node. The per-node launchers ignore it (`trap '' USR1` below: torchrun's
+# agent would die of it); the ranks finish the current optimizer step, agree (one all-reduce per step), save a complete
+# checkpoint, rank 0 requeues the job (scontrol requeue), and they exit 75. The restart resumes (RESUME=auto).
+# SIGTERM (preemption, time limit, scancel) goes to every process of the job from Slurm itself: the ranks save and
+# exit 75 without requeueing (Slurm requeues preempted jobs when the partition says so); this shell keeps waiting so
+# that the job lasts until they are done (or Slurm's KillWait / GraceTime ends it).
+# srun runs in the background so that the traps run at once (bash defers traps while a foreground child runs).
+# shellcheck disable=SC2329  # invoked by the traps
 on_usr1() {
-    echo "rm_scale slurm: USR1 at $(date '+%F %T'): time limit or preemption is near"
-    if [ "$REQUEUE_ON_USR1" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_RESTARTS" ]; then
-        echo "rm_scale slurm: requeueing job $SLURM_JOB_ID (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )))"
-        scontrol requeue "$SLURM_JOB_ID"
-    fi
+    echo "rm_scale slurm: USR1 at $(date '+%F %T'): time limit or preemption is near; forwarding to the ranks"
+    kill -USR1 "$SRUN_PID" 2>/dev/null || true
+}
+# shellcheck disable=SC2329
+on_term() {
+    echo "rm_scale slurm: TERM at $(date '+%F %T'): the ranks checkpoint and stop"
 }
 trap on_usr1 USR1
+trap on_term TERM
 
 # ---- Launch: one task per node ----------------------------------------------------------------------------------------
 # The task body is single-quoted: $SLURM_NODEID and $SLURMD_NODENAME are expanded by each task on its own node.
@@ -188,6 +179,7 @@ SRUN=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-ba
 # shellcheck disable=SC2016  # single quotes on purpose: expanded by each task
 "${SRUN[@]}" bash -c '
     echo "rm_scale node $SLURMD_NODENAME machine_rank $SLURM_NODEID pid $$"
+    trap "" USR1  # the launcher (torchrun agent) ignores USR1; the ranks install their own handler
     exec "$RM_SCALE_PYTHON" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"
 ' rm_scale_node "${LAUNCH[@]}" "${TRAIN[@]}" &
 SRUN_PID=$!

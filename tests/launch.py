@@ -47,14 +47,15 @@ def env() -> dict[str, str]:
 
 
 def run_train(recipe: Path, overrides: list[str], *, launch: Path | None = None, nproc: int = 2,
-              timeout: int = 600) -> subprocess.CompletedProcess:
+              timeout: int = 600, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if launch is None:
         cmd = [sys.executable, "-m", "rm_scale", "train", "--config", str(recipe), *overrides]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
                "--num_processes", str(nproc), "--main_process_port", str(free_port()),
                "-m", "rm_scale", "train", "--config", str(recipe), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -62,3 +63,29 @@ def run_train(recipe: Path, overrides: list[str], *, launch: Path | None = None,
 
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+
+
+def start_train(recipe: Path, overrides: list[str], *, launch: Path, log: Path, nproc: int = 2,
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`run_train` through `accelerate launch`, but returns the running launcher (output to ``log``) at once."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+           "-m", "rm_scale", "train", "--config", str(recipe), *overrides]
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """``{local rank: pid}`` of the launcher's worker processes (its children with LOCAL_RANK set)."""
+    out = {}
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"LOCAL_RANK="):
+                out[int(item.split(b"=", 1)[1])] = pid
+    return out

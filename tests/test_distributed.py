@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from launch import launch_config, metrics, run_train, tiny_ds_config
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.model import forward_rewards
-from rm_scale.recipe import load_preference_files
+from rm_scale.recipe import load_preference_files, resolve_data_files
 from tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ def setup(tmp_path_factory):
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
+        # map-style data: the same global batch whatever the world size (the stream shards by rank instead)
+        "data": {"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"], "streaming": False},
         "train": {"output_dir": str(tmp / "unused"), "max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1,
                   "save_strategy": "no", "report_to": [], "seed": 0, "per_device_eval_batch_size": 8,
                   "center_rewards_coefficient": 0.01},
@@ -115,3 +116,42 @@ def test_zero2_two_ranks_match_one_process(setup, one_process):
     dist = {m["step"]: m for m in metrics(out) if "loss_exact" in m}
     _check_step1_equal(dist, one_process)
     assert (out / "final" / "model.safetensors").exists()
+
+
+def _uneven_files(tmp):
+    """Two files, so the stream shards by file: rank 0 gets 24 pairs, rank 1 only 3."""
+    rows = [json.loads(line) for line in open(resolve_data_files(["rm_scale:demo/train"])[0])]
+    big, small = tmp / "big.jsonl", tmp / "small.jsonl"
+    big.write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows[24:27]))
+    return f"[{big}, {small}]"
+
+
+def test_zero3_stream_with_uneven_shards_finishes_and_resumes_exactly(setup):
+    """Rank 1 runs out after 2 micro-batches per epoch while rank 0 has 12: no hang, several epochs, and a run
+    resumed from a mid-run checkpoint logs exactly the losses of the uninterrupted run."""
+    tmp, _, recipe = setup
+    launch = launch_config("zero3.yaml", tmp, ds_config=tiny_ds_config("zero3.json", tmp))
+    files = _uneven_files(tmp)
+    common = ["--data.streaming", "true", "--data.train", files, "--per_device_train_batch_size", "2",
+              "--max_steps", "16", "--save_strategy", "steps", "--save_steps", "7", "--data.eval", "null",
+              "--batching", "length_grouped", "--stream_block_size", "8"]
+    full = tmp / "stream_full"
+    run_train(recipe, ["--output_dir", str(full), *common], launch=launch)
+    steps = {m["step"]: m for m in metrics(full) if "loss_exact" in m}
+    assert sorted(steps) == list(range(1, 17))
+    # 27 pairs a pass, 4 at most a step: more than one epoch happened, and steps where rank 1 padded count 2 pairs
+    assert {m["pairs"] for m in steps.values()} >= {2.0, 4.0}
+    state = json.loads((full / "checkpoint-7" / "rm_scale_data_rank1.json").read_text())
+    assert state["rank"] == 1 and state["world_size"] == 2
+
+    resumed = tmp / "stream_resumed"
+    import shutil
+
+    shutil.copytree(full / "checkpoint-7", resumed / "checkpoint-7")
+    run_train(recipe, ["--output_dir", str(resumed), *common, "--resume_from_checkpoint", "true"], launch=launch)
+    again = {m["step"]: m for m in metrics(resumed) if "loss_exact" in m}
+    assert sorted(again) == list(range(8, 17))
+    for step in range(8, 17):
+        assert again[step]["pairs"] == steps[step]["pairs"]
+        assert abs(again[step]["loss_exact"] - steps[step]["loss_exact"]) <= 1e-6, step

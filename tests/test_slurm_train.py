@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from launch import ROOT, env, free_port, tiny_ds_config
+from launch import ROOT, env, free_port, launch_config, run_train, tiny_ds_config
+from rm_scale.checkpoint import MARKER
 from slurm_cluster import TERMINAL_STATES
 from tiny import make_tiny_model_dir
 
@@ -106,41 +107,62 @@ def test_missing_recipe_fails_fast_with_a_clear_message(slurm_cluster, tmp_path)
     assert "rm_scale node" not in text  # nothing was launched
 
 
-def test_usr1_requeues_and_the_restart_resumes_from_the_last_checkpoint(slurm_cluster, tmp_path):
-    """Time limit near (USR1 to the batch shell) -> the script requeues the job -> the restart resumes (RESUME=auto)."""
+def test_usr1_checkpoints_requeues_and_the_restart_resumes_to_the_uninterrupted_model(slurm_cluster, tmp_path):
+    """Time limit near (USR1 to the batch shell) -> forwarded to the ranks -> checkpoint at the next step -> rank 0
+    requeues the job -> the restart resumes from that checkpoint (RESUME=auto) -> same model as without the signal."""
     steps = 40
     model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"]},
+        "data": {"train": ["rm_scale:demo/train"], "streaming": False},
         "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
-                  "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "steps", "save_steps": 2,
+                  "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
                   "save_total_limit": 2, "report_to": [], "seed": 0},
     }))
-    job, log = _submit(slurm_cluster, tmp_path, recipe, tiny_ds_config("zero3.json", tmp_path))
-    first = out / "checkpoint-2" / "trainer_state.json"
+    ds = tiny_ds_config("zero3.json", tmp_path)
+    job, log = _submit(slurm_cluster, tmp_path, recipe, ds)
+    first = out / "checkpoint-4" / MARKER
     deadline = time.monotonic() + 180
     while not first.exists():
         state = slurm_cluster.state(job)
         assert state not in TERMINAL_STATES and time.monotonic() < deadline, (
-            f"{state}: no checkpoint-2\n{log.read_text()[-6000:] if log.exists() else ''}")
-        time.sleep(0.1)
+            f"{state}: no checkpoint-4\n{log.read_text()[-6000:] if log.exists() else ''}")
+        time.sleep(0.05)
     slurm_cluster.signal(job, "USR1")  # what --signal=B:USR1@120 delivers before the time limit
-    state = slurm_cluster.wait(job, timeout=240)
+
+    # Meanwhile, the same run without any signal (2 ranks, same DeepSpeed config, on this machine).
+    ref = tmp_path / "reference"
+    launch = launch_config("zero3.yaml", tmp_path, ds_config=ds)
+    run_train(recipe, ["--output_dir", str(ref)], launch=launch)
+
+    state = slurm_cluster.wait(job, timeout=300)
     text = log.read_text()
     assert state == "COMPLETED", f"{state}\n{text[-6000:]}"
     assert slurm_cluster.job_info(job)["Restarts"] == "1", text[-6000:]
-    assert "USR1" in text and f"requeueing job {job}" in text, text[-6000:]
-    # The restart (same log: --open-mode=append) resumed from a complete checkpoint of the first run.
-    restart = text[text.index(f"job {job} restart 1"):]
-    resumed = re.search(r"--resume_from_checkpoint (\S+/checkpoint-(\d+))", restart)
-    assert resumed, restart[:3000]
-    step0 = int(resumed.group(2))
-    assert 2 <= step0 < steps
+    first_run, restart = text.split(f"job {job} restart 1", 1)
+    assert "USR1" in first_run and "forwarding to the ranks" in first_run, first_run[-6000:]
+    # Both ranks (one per node) got the signal; the launchers ignored it; rank 0 requeued after the checkpoint.
+    assert len(re.findall(r"got SIGUSR1", first_run)) == 2, first_run[-6000:]
+    assert f"Requeued Slurm job {job} (restart 1)" in first_run, first_run[-6000:]
+    saved = re.search(r"saving a checkpoint at step (\d+) and stopping", first_run)
+    assert saved, first_run[-6000:]
+    step0 = int(saved.group(1))
+    assert 4 <= step0 < steps
+    assert "--resume_from_checkpoint auto" in restart
+    assert re.search(rf"resuming from \S+/checkpoint-{step0}\b", restart), restart[:6000]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    after = [r["step"] for r in rows if "loss_exact" in r][-(steps - step0):]
-    assert after == list(range(step0 + 1, steps + 1)), rows  # the restart went on from there, not from step 1
+    logged = [r["step"] for r in rows if "loss_exact" in r]
+    assert logged == list(range(1, steps + 1)), logged  # each step once: the restart went on after step0
     assert all(r["pairs"] == 2 * BATCH for r in rows if "loss_exact" in r)
-    assert (out / "final" / "model.safetensors").exists()
+    ref_loss = {r["step"]: r["loss_exact"] for r in (json.loads(x) for x in open(ref / "metrics.jsonl")) if "loss_exact" in r}
+    for r in rows:
+        if "loss_exact" in r:
+            assert abs(r["loss_exact"] - ref_loss[r["step"]]) <= 1e-6, r["step"]
+    from safetensors.torch import load_file
+
+    got, want = load_file(out / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert (got[name] - want[name]).abs().max().item() <= 1e-6, name

@@ -1,0 +1,202 @@
+"""`rm-scale eval`: score a trained reward model on preference files, without training.
+
+    rm-scale eval --model outputs/run/final --data test.jsonl [--json] [--batch-size 16] [--max-length 1024]
+
+Loads a full model folder or a PEFT adapter folder (`adapter_config.json`; the base model is read from the path the
+adapter names), tokenises the files like training does (any format `rm_scale.data.prepare_dataset` understands),
+and reads every reward with `rm_scale.model.forward_rewards`, one forward per batch over chosen and rejected
+together. Prints accuracy (ties count half), per `subset` column when there is one, the number of pairs and the reward
+statistics; `--json` prints them as one JSON object. Writes a PNG (default `<model>/reward_eval.png`): the chosen and
+rejected reward distributions and, when the run's `metrics.jsonl` is in the model folder's parent (the model is
+`<output_dir>/final`), the train and eval accuracy curves.
+
+One process on one device (the GPU when there is one): the model must fit there whole. That is enough to score a
+test set; scoring huge sets or models that need ZeRO-3 to fit is `RewardTrainer.evaluate` under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PLOT_NAME = "reward_eval.png"
+
+
+def load_scoring_model(model_dir: str, *, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
+    """The reward model in eval mode and its tokenizer, from a full model folder or a PEFT adapter folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    tokenizer_dir = model_dir
+    if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype)
+        if not _has_tokenizer(model_dir):
+            tokenizer_dir = model.peft_config["default"].base_model_name_or_path
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.pad_token is None:  # as RewardTrainer does; rewards are read by attention mask, not pad position
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+def _has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def score_pairs(model: torch.nn.Module, tokenizer: Any, data: Any, *, batch_size: int) -> np.ndarray:
+    """``rewards[:, (chosen, rejected)]`` of every pair of a tokenised data set, in data-set order.
+
+    Pairs are batched by length (less padding); each batch is one forward over chosen and rejected together.
+    """
+    from rm_scale.data import RewardDataCollatorWithPadding
+    from rm_scale.model import forward_rewards
+
+    collate = RewardDataCollatorWithPadding(tokenizer)
+    lengths = [max(len(c), len(r)) for c, r in zip(data["input_ids_chosen"], data["input_ids_rejected"])]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    device = next(model.parameters()).device
+    rewards = np.empty((len(order), 2), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([data[i] for i in idx])
+        ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]).to(device)
+        mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]]).to(device)
+        with torch.no_grad():
+            out = forward_rewards(model, ids, mask).float().cpu().numpy()
+        rewards[idx, 0], rewards[idx, 1] = out[: len(idx)], out[len(idx) :]
+    return rewards
+
+
+def summarize(rewards: np.ndarray, subsets: Sequence[Any] | None) -> dict[str, Any]:
+    """`compute_reward_metrics` over all pairs (accuracy with ties as half, margin, reward mean/std), and per subset."""
+    from transformers.trainer_utils import EvalPrediction
+
+    from rm_scale.trainer import compute_reward_metrics
+
+    def metrics(preds: np.ndarray) -> dict[str, float]:
+        return compute_reward_metrics(EvalPrediction(predictions=preds, label_ids=None))
+
+    out: dict[str, Any] = {"pairs": len(rewards), **metrics(rewards)}
+    if subsets is not None:
+        names = np.asarray([str(s) for s in subsets])
+        out["subsets"] = {
+            name: {"pairs": int((names == name).sum()), "accuracy": metrics(rewards[names == name])["accuracy"]}
+            for name in sorted(set(names.tolist()))
+        }
+    return out
+
+
+def accuracy_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
+    """Train accuracy (logged per logging step) and eval accuracy per step from a run's metrics.jsonl."""
+    curves: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        if "eval_accuracy" in row:
+            curves["eval"].append((row["step"], row["eval_accuracy"]))
+        elif "accuracy" in row:
+            curves["train"].append((row["step"], row["accuracy"]))
+    return curves
+
+
+def write_plot(path: Path, rewards: np.ndarray, curves: dict[str, list[tuple[int, float]]] | None) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, no pyplot global state
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11 if curves else 6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2 if curves else 1, 1)
+    bins = np.histogram_bin_edges(rewards, bins=min(50, max(10, int(math.sqrt(rewards.size)))))
+    ax.hist(rewards[:, 0], bins=bins, alpha=0.6, label=f"chosen (mean {rewards[:, 0].mean():.3f})")
+    ax.hist(rewards[:, 1], bins=bins, alpha=0.6, label=f"rejected (mean {rewards[:, 1].mean():.3f})")
+    ax.set(xlabel="reward", ylabel="pairs", title=f"Rewards on {len(rewards)} pairs")
+    ax.legend()
+    if curves:
+        ax = fig.add_subplot(1, 2, 2)
+        for name, style in (("train", "-"), ("eval", "o-")):
+            if curves[name]:
+                steps, acc = zip(*sorted(curves[name]))
+                ax.plot(steps, acc, style, label=name)
+        ax.set(xlabel="step", ylabel="accuracy", title="Pairwise accuracy during training", ylim=(0, 1.05))
+        ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def run_eval(model_dir: str, data_files: Sequence[str], *, as_json: bool = False, **kwargs: Any) -> int:
+    """The `rm-scale eval` command: `evaluate_model`, printed as text or as one JSON object."""
+    # Libraries print on import (transformers: "[INFO] Running in WANDB offline mode"): keep stdout for the result.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate_model(model_dir, data_files, **kwargs)
+    print(json.dumps(result) if as_json else _text(result))
+    return 0
+
+
+def evaluate_model(
+    model_dir: str,
+    data_files: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    plot_path: str | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Score ``model_dir`` on ``data_files``; returns the summary (see `summarize`) and writes the PNG."""
+    from rm_scale.data import prepare_dataset
+    from rm_scale.model import read_reward_stats
+    from rm_scale.recipe import load_preference_files
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"--model {model_dir!r} is not a folder (expected <output_dir>/final or an adapter folder).")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
+    model, tokenizer = load_scoring_model(model_dir, dtype=dtype)
+    raw = load_preference_files(list(data_files))
+    # Tokenise without dropping (rows stay aligned with the subset column), then drop long pairs here.
+    data = prepare_dataset(raw, tokenizer, max_length=None)
+    keep = [
+        i for i, (c, r) in enumerate(zip(data["input_ids_chosen"], data["input_ids_rejected"]))
+        if max_length is None or max(len(c), len(r)) <= max_length
+    ]
+    if not keep:
+        raise ValueError(f"No pair left to score: every pair has a side longer than --max-length {max_length}.")
+    subsets = [raw["subset"][i] for i in keep] if "subset" in raw.column_names else None
+    rewards = score_pairs(model, tokenizer, data.select(keep), batch_size=batch_size)
+    result: dict[str, Any] = {"model": model_dir, "data": list(data_files), "dropped": len(data) - len(keep)}
+    result.update(summarize(rewards, subsets))
+    saved = read_reward_stats(model_dir)
+    if saved:
+        result["saved_stats"] = saved
+    plot = Path(plot_path) if plot_path else Path(model_dir) / PLOT_NAME
+    metrics_file = Path(model_dir).resolve().parent / "metrics.jsonl"
+    write_plot(plot, rewards, accuracy_curves(metrics_file) if metrics_file.exists() else None)
+    result["plot"] = str(plot)
+    return result
+
+
+def _text(r: dict[str, Any]) -> str:
+    lines = [
+        f"model     {r['model']}",
+        f"pairs     {r['pairs']}" + (f" ({r['dropped']} dropped: longer than --max-length)" if r["dropped"] else ""),
+        f"accuracy  {r['accuracy']:.4f}  (ties count half)",
+        f"margin    {r['margin']:.4f}",
+        f"rewards   mean {r['rewards_mean']:.4f}  std {r['rewards_std']:.4f}  "
+        f"(chosen {r['rewards_chosen_mean']:.4f}, rejected {r['rewards_rejected_mean']:.4f})",
+    ]
+    if "subsets" in r:
+        width = max(len(n) for n in r["subsets"])
+        lines.append(f"{'subset':<{width}}  pairs  accuracy")
+        lines += [f"{n:<{width}}  {s['pairs']:>5}  {s['accuracy']:.4f}" for n, s in r["subsets"].items()]
+    lines.append(f"plot      {r['plot']}")
+    return "\n".join(lines)
