@@ -43,21 +43,25 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         recipe.update(loaded)
     _apply_overrides(recipe, overrides)
     validate_recipe(recipe, source=str(path) if path else "<overrides>")
-    _coerce_floats(recipe["train"])
+    _coerce_yaml_1_1(recipe["train"])
     return recipe
 
 
-def _coerce_floats(train: dict[str, Any]) -> None:
-    # YAML 1.1 reads `1e-5` (no dot) as a string; TrainingArguments would keep it as one.
+def _coerce_yaml_1_1(train: dict[str, Any]) -> None:
+    """Undo YAML 1.1 surprises for typed fields: `1e-5` (no dot) reads as a string, and `no`/`yes` read as booleans
+    where TrainingArguments expects the strings ("eval_strategy: no")."""
     from rm_scale.config import RewardConfig
 
-    float_fields = {f.name for f in dataclasses.fields(RewardConfig) if "float" in str(f.type)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(RewardConfig)}
     for key, value in train.items():
-        if key in float_fields and isinstance(value, str):
+        kind = types.get(key, "")
+        if "float" in kind and isinstance(value, str):
             try:
                 train[key] = float(value)
             except ValueError:
                 pass
+        elif isinstance(value, bool) and "bool" not in kind and ("str" in kind or "Strategy" in kind):
+            train[key] = "yes" if value else "no"
 
 
 def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:

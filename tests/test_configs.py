@@ -122,3 +122,11 @@ def test_yaml_exponent_floats_are_numbers(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, learning_rate: 1e-5}\n")
     assert load_recipe(path)["train"]["learning_rate"] == 1e-5
+
+
+def test_yaml_no_is_the_string_no_for_strategies(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, save_strategy: no}\n")
+    recipe = load_recipe(path, ["--eval_strategy", "no"])
+    assert recipe["train"]["save_strategy"] == "no" and recipe["train"]["eval_strategy"] == "no"
+    assert RewardConfig(**recipe["train"]).save_strategy == "no"
