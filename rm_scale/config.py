@@ -36,6 +36,25 @@ class RewardConfig(TrainingArguments):
             "pushes rewards towards mean zero. None or 0: off."
         },
     )
+    batch_mean_coefficient: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of (mean of ALL rewards in the optimizer step)^2: centering on the global batch (all "
+            "micro-batches, all ranks), exact whatever the world size and accumulation. 0: off. With gradient "
+            "accumulation the whole-step terms cost one extra no-grad forward per micro-batch."
+        },
+    )
+    reward_variance_coefficient: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the variance of all rewards in the optimizer step (global batch). 0: off."},
+    )
+    target_reward_std: float | None = field(
+        default=None,
+        metadata={"help": "With target_std_coefficient: pull the std of all rewards in the step towards this."},
+    )
+    target_std_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of (std of all rewards in the step - target_reward_std)^2. 0: off."}
+    )
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Set every dropout probability of the model to 0 (deterministic rewards, as TRL does)."},

@@ -25,7 +25,8 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from rm_scale import checkpoint as ckpt
 from rm_scale.config import RewardConfig
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
-from rm_scale.loss import bradley_terry_sums, total_loss
+from rm_scale.distributed import all_reduce_sum
+from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model import SCORE_HEAD_NAMES, base_model, disable_dropout, forward_rewards, load_reward_model
 from rm_scale.preemption import PreemptionCallback, TrainingPreempted, slurm_requeue
 from rm_scale.stream import PairFiles, PairStream, StreamConfig, padding_batch
@@ -158,6 +159,15 @@ class RewardTrainer(Trainer):
         # compute_loss already divides by the pairs of the whole step: no further division by GAS.
         self.loss_is_scaled_for_ga = True
         self._sums: torch.Tensor | None = None
+        self._terms = GlobalTerms(
+            batch_mean=args.batch_mean_coefficient,
+            variance=args.reward_variance_coefficient,
+            target_std=args.target_reward_std,
+            target_std_coef=args.target_std_coefficient,
+        )
+        self._moments: BatchMoments | None = None  # of the current step, when the terms need a pre-pass
+        self._term_values: dict[str, float] = {}  # whole-step term values summed over the steps of a logging window
+        self._term_values_step = -1
         self._last_log_time: float | None = None  # for pairs/s and tokens/s between logging steps
         self._data_state: dict[str, Any] | None = None  # resume state after the last micro-batch consumed
         self.last_eval: EvalRewards | None = None  # rewards of the latest evaluation (W&B histograms, tables)
@@ -220,6 +230,8 @@ class RewardTrainer(Trainer):
             # DeepSpeed and DDP average gradients over ranks; multiplying by the world size undoes that, so the
             # gradient is the one of sum(all pairs) / pairs-in-step, whatever the layout of the job.
             loss = total_loss(sums, num_pairs=num_items_in_batch, center_coef=self.args.center_rewards_coefficient)
+            if self._terms.enabled:
+                loss = loss + self._global_terms(rewards, is_padding)
             loss = loss * self.accelerator.num_processes
         if is_padding:
             # A rank whose shard ran out still runs the forward/backward (ZeRO-3 collectives), with weight zero.
@@ -229,6 +241,22 @@ class RewardTrainer(Trainer):
         if return_outputs:
             return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
         return loss
+
+    def _global_terms(self, rewards: torch.Tensor, is_padding: bool) -> torch.Tensor:
+        moments = self._moments
+        if moments is None:  # one micro-batch per step: this forward has all of this rank's rewards of the step
+            r = rewards.detach().float() * (0.0 if is_padding else 1.0)
+            local = torch.stack([torch.tensor(0.0 if is_padding else float(r.numel()), device=r.device),
+                                 r.sum(), (r * r).sum()])
+            moments = BatchMoments(*all_reduce_sum(local).tolist())
+        surrogate, values = global_terms(rewards, moments, self._terms)
+        if self._term_values_step != self.state.global_step:  # once per optimizer step
+            self._term_values_step = self.state.global_step
+            for key, value in values.items():
+                self._term_values[key] = self._term_values.get(key, 0.0) + value
+            self._term_values["steps"] = self._term_values.get("steps", 0.0) + 1
+            self._term_values["total"] = self._term_values.get("total", 0.0) + global_terms_value(moments, self._terms)
+        return surrogate
 
     def _accumulate(self, sums: Any, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor) -> None:
         # Kept as device tensors: no host sync per micro-step; reduced across ranks once per logging step.
@@ -265,7 +293,35 @@ class RewardTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         if self._stream is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
+            batches, num_pairs = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:
+            batches, num_pairs = self._stream_batch_samples(epoch_iterator, num_batches, device)
+        self._moments = None
+        if batches and self._terms.enabled and len(batches) > 1:
+            self._moments = self._step_moments(batches)
+        return batches, num_pairs
+
+    def _step_moments(self, batches: list[dict[str, Any]]) -> BatchMoments:
+        """Mean and variance of every reward of the step (all micro-batches, all ranks) for the whole-step loss terms.
+
+        With gradient accumulation they are known only after every micro-batch ran: one no-grad forward per
+        micro-batch first (the cost of these terms; with one micro-batch per step they come from the step's own
+        forward instead). Every rank runs every forward, padding batches included: under ZeRO-3 a forward is a
+        collective."""
+        model = self.model_wrapped
+        local = torch.zeros(3, device=self.args.device)
+        with torch.no_grad():
+            for batch in batches:
+                inputs = self._prepare_inputs({k: v for k, v in batch.items() if k != "_pad"})
+                ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
+                mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
+                rewards = forward_rewards(model, ids, mask).float()
+                if not batch.get("_pad", False):
+                    local += torch.stack([torch.tensor(float(rewards.numel()), device=local.device),
+                                          rewards.sum(), (rewards * rewards).sum()])
+        return BatchMoments(*all_reduce_sum(local).tolist())
+
+    def _stream_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         batches = []
         for _ in range(num_batches):
             batch = next(epoch_iterator, None)
@@ -373,7 +429,9 @@ class RewardTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank has written its shards, RNG state and data position
         if self.args.should_save:
-            wandb_state = (self.state.stateful_callbacks or {}).get("rm_scale_wandb") or {}
+            from rm_scale.wandb_logging import STATE_KEY  # the W&B run id travels in trainer_state.json too
+
+            wandb_state = (self.state.stateful_callbacks or {}).get(STATE_KEY) or {}
             ckpt.mark_complete(folder, {
                 "step": self.state.global_step,
                 "world_size": self.args.world_size,
@@ -439,6 +497,11 @@ class RewardTrainer(Trainer):
                 sums = self.accelerator.reduce(sums, reduction="sum")
             totals = dict(zip(_SUM_KEYS, sums.tolist()))
             logs.update(_pair_metrics(totals, self.args.center_rewards_coefficient))
+            if self._term_values:
+                steps = self._term_values.pop("steps")
+                logs["loss_exact"] += self._term_values.pop("total") / steps
+                logs.update({k: v / steps for k, v in self._term_values.items()})
+                self._term_values = {}
             logs.update(self._throughput(totals))
             self._sums = None
         super().log(logs, start_time)

@@ -1,6 +1,6 @@
 """Loss and gradient do not depend on how a global batch is laid out: 1 rank x GAS 4 == 2 ranks x GAS 2 ==
-4 ranks x GAS 1, real processes under ZeRO-3 (gloo on CPU). The pure-math version with uneven slices is in
-test_loss.py."""
+4 ranks x GAS 1, real processes under ZeRO-3 (gloo on CPU), with the per-pair centering term and the whole-step terms
+(global batch mean, variance, target std). The pure-math version with uneven slices is in test_loss.py."""
 
 import pytest
 import yaml
@@ -19,7 +19,8 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
         "data": {"train": ["rm_scale:demo/train"], "streaming": False},
         "train": {"output_dir": str(tmp_path / "unused"), "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1,
                   "save_strategy": "no", "report_to": [], "seed": 0, "per_device_train_batch_size": 2,
-                  "center_rewards_coefficient": 0.1},
+                  "center_rewards_coefficient": 0.1, "batch_mean_coefficient": 0.5,
+                  "reward_variance_coefficient": 0.2, "target_reward_std": 1.0, "target_std_coefficient": 0.3},
     }))
     launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
     runs = {}
@@ -33,5 +34,6 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
         for step in (1, 2, 3):
             assert got[step]["pairs"] == 8, layout
             assert abs(got[step]["loss_exact"] - ref[step]["loss_exact"]) <= 1e-5, (layout, step)
-            assert abs(got[step]["loss_center"] - ref[step]["loss_center"]) <= 1e-5, (layout, step)
+            for term in ("loss_center", "loss_batch_mean", "loss_variance", "loss_target_std"):
+                assert abs(got[step][term] - ref[step][term]) <= 1e-5, (layout, step, term)
             assert abs(got[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-4 * max(1.0, ref[step]["grad_norm"])
