@@ -25,7 +25,7 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from rm_scale import checkpoint as ckpt
 from rm_scale.config import RewardConfig
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
-from rm_scale.distributed import all_reduce_sum
+from rm_scale.distributed import all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model import SCORE_HEAD_NAMES, base_model, disable_dropout, forward_rewards, load_reward_model
 from rm_scale.preemption import PreemptionCallback, TrainingPreempted, slurm_requeue
@@ -206,9 +206,7 @@ class RewardTrainer(Trainer):
         if not batch_samples:
             return None
         count = torch.tensor(sum(_real_pairs(b) for b in batch_samples), device=device)
-        if self.args.world_size > 1:
-            count = self.accelerator.reduce(count, reduction="sum")
-        return count
+        return all_reduce_sum(count)
 
     def compute_loss(
         self,
@@ -479,8 +477,7 @@ class RewardTrainer(Trainer):
         now = time.perf_counter()
         last, self._last_log_time = self._last_log_time, now
         peak = torch.tensor(_peak_memory_gb(self.args.device), device=self.args.device)
-        if self.args.world_size > 1:
-            peak = self.accelerator.reduce(peak, reduction="max")
+        peak = all_reduce_max(peak)
         out = {"padding_efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1.0),
                "peak_memory_gb": peak.item()}
         if last is not None:
@@ -493,8 +490,7 @@ class RewardTrainer(Trainer):
         # every rank reaches this collective at the same step or none does.
         if "loss" in logs and "learning_rate" in logs:
             sums = self._sums if self._sums is not None else torch.zeros(len(_SUM_KEYS), device=self.args.device)
-            if self.args.world_size > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
+            sums = all_reduce_sum(sums)
             totals = dict(zip(_SUM_KEYS, sums.tolist()))
             logs.update(_pair_metrics(totals, self.args.center_rewards_coefficient))
             if self._term_values:
