@@ -155,3 +155,25 @@ def test_zero3_stream_with_uneven_shards_finishes_and_resumes_exactly(setup):
     for step in range(8, 17):
         assert again[step]["pairs"] == steps[step]["pairs"]
         assert abs(again[step]["loss_exact"] - steps[step]["loss_exact"]) <= 1e-6, step
+
+
+def test_zero3_eval_of_an_odd_sized_set_counts_each_pair_once(setup):
+    """13 eval pairs over 2 ranks x 4 per batch: the last batches are uneven; no hang, no duplicated pair."""
+    tmp, _, recipe = setup
+    rows = [json.loads(line) for line in open(resolve_data_files(["rm_scale:demo/eval"])[0])][:13]
+    odd = tmp / "odd_eval.jsonl"
+    odd.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "zero3_odd_eval"
+    launch = launch_config("zero3.yaml", tmp, ds_config=tiny_ds_config("zero3.json", tmp))
+    run_train(recipe, ["--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "1",
+                       "--per_device_eval_batch_size", "4", "--data.eval", f"[{odd}]"], launch=launch)
+    final = json.loads((out / "final_metrics.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    data = prepare_dataset(load_preference_files([str(odd)]), tok, max_length=1024)
+    batch = RewardDataCollatorWithPadding(tok)([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        chosen = forward_rewards(model, batch["input_ids_chosen"], batch["attention_mask_chosen"])
+    assert len(data) == 13
+    assert abs(chosen.mean().item() - final["eval_rewards_chosen_mean"]) <= 1e-5
+    assert json.loads((out / "final" / "config.json").read_text())["rm_scale_eval_pairs"] == 13
