@@ -103,7 +103,7 @@ def prepare_dataset(
         dataset = dataset.map(
             tokenize_pair,
             fn_kwargs={"tokenizer": tokenizer, "fmt": fmt},
-            remove_columns=[c for c in dataset.column_names if c not in ("margin",)],
+            remove_columns=[c for c in dataset.column_names if c not in ("margin", "subset")],
             num_proc=num_proc,
             desc=f"Tokenising ({fmt})",
         )

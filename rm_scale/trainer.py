@@ -468,6 +468,7 @@ class RewardTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         # The predictions are already gathered from every rank (in data-set order): keeping them costs nothing.
         self.last_eval = EvalRewards(metric_key_prefix, getattr(dataloader, "dataset", None), output.predictions)
+        output.metrics.update(_subset_accuracy(self.last_eval))
         return output
 
     # ---- logging ----------------------------------------------------------------------------------------------
@@ -505,6 +506,23 @@ class RewardTrainer(Trainer):
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+
+
+def _subset_accuracy(ev: EvalRewards) -> dict[str, float]:
+    """`<prefix>_accuracy_<subset>` for each value of a `subset` column (ties count half)."""
+    columns = getattr(ev.dataset, "column_names", None) or []
+    if ev.rewards is None or "subset" not in columns:
+        return {}
+    subsets = ev.dataset["subset"]
+    if len(subsets) != len(ev.rewards):
+        return {}
+    preds = np.asarray(ev.rewards, dtype=np.float64)
+    out = {}
+    for name in sorted({s for s in subsets if s is not None}):
+        rows = [i for i, s in enumerate(subsets) if s == name]
+        diff = preds[rows, 0] - preds[rows, 1]
+        out[f"{ev.prefix}_accuracy_{name}"] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
+    return out
 
 
 def _peak_memory_gb(device: torch.device) -> float:

@@ -132,3 +132,19 @@ def test_streamed_training_with_a_background_worker_sees_the_same_batches(tiny_d
         assert trainer._data_state["epoch"] == 1  # the stream went on into its second pass
     assert len(losses[0]) == 20
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_eval_reports_accuracy_per_subset_and_named_sets(tiny_dir, demo_data, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    eval_data = demo_data.select(range(40)).map(lambda r, i: {"subset": "even" if i % 2 == 0 else "odd"},
+                                                  with_indices=True)
+    swapped = eval_data.map(lambda r: {"chosen": r["rejected"], "rejected": r["chosen"]})
+    trainer = RewardTrainer(model=str(tiny_dir), args=_args(tmp_path, max_steps=12), tokenizer=tok,
+                            train_dataset=demo_data, eval_dataset={"plain": eval_data, "swapped": swapped})
+    trainer.train()
+    metrics = trainer.evaluate()
+    for part in ("even", "odd"):
+        plain, flipped = metrics[f"eval_plain_accuracy_{part}"], metrics[f"eval_swapped_accuracy_{part}"]
+        assert abs(plain + flipped - 1.0) < 1e-9  # swapping sides flips every decision (ties count half)
+    overall = (metrics["eval_plain_accuracy_even"] + metrics["eval_plain_accuracy_odd"]) / 2
+    assert abs(overall - metrics["eval_plain_accuracy"]) < 1e-9
