@@ -37,3 +37,57 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
             for term in ("loss_center", "loss_batch_mean", "loss_variance", "loss_target_std"):
                 assert abs(got[step][term] - ref[step][term]) <= 1e-5, (layout, step, term)
             assert abs(got[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-4 * max(1.0, ref[step]["grad_norm"])
+
+
+def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path):
+    """Token-budget batches give the ranks micro-batches of different sizes (and GAS 4): the step's loss and gradient
+    still equal one process computing the same pairs in one batch."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rm_scale.stream import PairStream, StreamConfig
+
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    stream_cfg = dict(sources=["rm_scale:demo/train"], pairs_per_batch=8, batching="token_budget", token_budget=250,
+                      block_size=64, seed=3, max_length=1024)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": ["rm_scale:demo/train"], "streaming": True},
+        "train": {"output_dir": str(tmp_path / "unused"), "max_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
+                  "save_strategy": "no", "report_to": [], "seed": 3, "per_device_train_batch_size": 8,
+                  "gradient_accumulation_steps": 4, "batching": "token_budget", "token_budget": 250,
+                  "stream_block_size": 64, "center_rewards_coefficient": 0.1, "batch_mean_coefficient": 0.5},
+    }))
+    launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
+    out = tmp_path / "two"
+    run_train(recipe, ["--output_dir", str(out)], launch=launch, nproc=2)
+    two = next(m for m in metrics(out) if "loss_exact" in m)
+
+    # the pairs each rank trained on in that step, read from the same stream the ranks ran
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows, sizes = [], []
+    for rank in range(2):
+        batches = iter(PairStream(StreamConfig(**stream_cfg), tok, rank=rank, world_size=2))
+        for _ in range(4):  # GAS 4
+            batch = next(batches)
+            sizes.append(batch["input_ids_chosen"].shape[0])
+            for i in range(sizes[-1]):
+                row = {}
+                for side in ("chosen", "rejected"):
+                    mask = batch[f"attention_mask_{side}"][i].bool()
+                    row[f"input_ids_{side}"] = batch[f"input_ids_{side}"][i][mask].tolist()
+                    row[f"attention_mask_{side}"] = [1] * int(mask.sum())
+                rows.append(row)
+    assert len(set(sizes)) > 1, sizes  # the micro-batches really are uneven
+    union = tmp_path / "union.jsonl"
+    union.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one_dir = tmp_path / "one"
+    run_train(recipe, ["--output_dir", str(one_dir), "--data.train", f"[{union}]", "--data.streaming", "false",
+                       "--per_device_train_batch_size", str(len(rows)), "--gradient_accumulation_steps", "1"])
+    one = next(m for m in metrics(one_dir) if "loss_exact" in m)
+    assert two["pairs"] == one["pairs"] == len(rows)
+    assert abs(two["loss_exact"] - one["loss_exact"]) <= 1e-5
+    assert abs(two["loss_batch_mean"] - one["loss_batch_mean"]) <= 1e-6
+    assert abs(two["grad_norm"] - one["grad_norm"]) <= 1e-4 * max(1.0, one["grad_norm"])
