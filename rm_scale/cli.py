@@ -19,6 +19,8 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rm_scale.stream import BATCHING
+
     parser = argparse.ArgumentParser(prog="rm-scale", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a reward model from a recipe")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--world-size", type=int, default=1)
     ins.add_argument("--pairs-per-batch", type=int, default=8, help="per_device_train_batch_size")
     ins.add_argument("--max-length", type=int, default=1024)
-    ins.add_argument("--batching", default="length_grouped", choices=["fixed", "length_grouped", "token_budget"])
+    ins.add_argument("--batching", default="length_grouped", choices=list(BATCHING))
     ins.add_argument("--token-budget", type=int)
     ins.add_argument("--strict", action="store_true", help="stop at the first bad row with file, line, field, fix")
     ins.add_argument("--json", action="store_true", help="print one JSON object")

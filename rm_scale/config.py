@@ -74,7 +74,9 @@ class RewardConfig(TrainingArguments):
         metadata={
             "help": "Micro-batching of streamed data (train_dataset=PairFiles(...)): 'fixed' (per_device_train_batch_size "
             "pairs in shuffled order), 'length_grouped' (same count, pairs of similar length together), or "
-            "'token_budget' (up to per_device_train_batch_size pairs while 2 x pairs x longest <= token_budget)."
+            "'token_budget' (up to per_device_train_batch_size pairs while 2 x pairs x longest <= token_budget), or "
+            "'packed' (padding-free: up to per_device_train_batch_size pairs and token_budget real tokens, every "
+            "sequence laid end to end in rows of max_length; decoder models)."
         },
     )
     token_budget: int | None = field(

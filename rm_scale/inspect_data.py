@@ -53,7 +53,11 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
         for batch in stream:
             batches += 1
             for side in ("chosen", "rejected"):
-                lengths.extend(batch[f"attention_mask_{side}"].sum(-1).tolist())
+                if "packed_position_ids" in batch:  # a sequence's length is its last position + 1
+                    index = batch[f"{side}_index"]
+                    lengths.extend((batch["packed_position_ids"][index[:, 0], index[:, 1]] + 1).tolist())
+                else:
+                    lengths.extend(batch[f"attention_mask_{side}"].sum(-1).tolist())
         stats = dataclasses.asdict(stream.stats)
         stats["batches"] = batches
         stats["padding_efficiency"] = stats["real_tokens"] / max(stats["padded_tokens"], 1)

@@ -78,6 +78,23 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return logits[:, 0]
 
 
+def forward_packed_rewards(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Rewards of packed sequences (see rm_scale.stream.pack_pairs): one forward, no attention mask — restarting
+    position_ids make transformers attend within each sequence only — read at ``index`` = (row, column) pairs."""
+    with _capture_output(score_head(model)) as cap:
+        model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    per_token = cap.get("out")
+    if per_token is None or per_token.dim() != 3 or per_token.shape[1] != input_ids.shape[1]:
+        raise ValueError(
+            f"batching='packed' needs a decoder model whose score head sees every position; "
+            f"{type(base_model(model)).__name__} does not. Use batching='token_budget' instead."
+        )
+    index = index.to(per_token.device)
+    return per_token[index[:, 0], index[:, 1], 0]
+
+
 def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
     # Under ZeRO-3 a partitioned parameter is an empty placeholder on each rank; writing to it directly is a no-op or
     # an error. GatheredParameters(modifier_rank=0) materialises it and scatters rank 0's values back afterwards.

@@ -25,7 +25,7 @@ import torch
 
 from rm_scale.data import RewardDataCollatorWithPadding, tokenize_canonical
 
-BATCHING = ("fixed", "length_grouped", "token_budget")
+BATCHING = ("fixed", "length_grouped", "token_budget", "packed")
 TRUNCATION = ("drop", "keep_end")
 
 
@@ -35,8 +35,8 @@ def check_batching(*, batching: str, token_budget: int | None, truncation: str) 
         raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}.")
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}.")
-    if batching == "token_budget" and not token_budget:
-        raise ValueError("batching='token_budget' needs token_budget (max padded tokens per micro-batch).")
+    if batching in ("token_budget", "packed") and not token_budget:
+        raise ValueError(f"batching={batching!r} needs token_budget (max tokens per micro-batch).")
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,15 @@ class PairStream(torch.utils.data.IterableDataset):
             for k, batch in enumerate(batches):
                 if k < skip:
                     continue
-                out = self.collator(batch)
-                real = int(out["attention_mask_chosen"].sum() + out["attention_mask_rejected"].sum())
+                if self.config.batching == "packed":
+                    out = pack_pairs(batch, row_length=self.config.max_length, pad_id=self.tokenizer.pad_token_id)
+                    real, computed = int(out["packed_real_tokens"]), out["packed_input_ids"].numel()
+                else:
+                    out = self.collator(batch)
+                    real = int(out["attention_mask_chosen"].sum() + out["attention_mask_rejected"].sum())
+                    computed = 2 * out["input_ids_chosen"].numel()
                 self.stats.real_tokens += real
-                self.stats.padded_tokens += 2 * out["input_ids_chosen"].numel()
+                self.stats.padded_tokens += computed
                 self.stats.pairs += len(batch)
                 out["_state"] = {
                     "epoch": epoch, "block": block, "emitted": k + 1, "upstream": start,
@@ -233,6 +238,16 @@ class PairStream(torch.utils.data.IterableDataset):
     def _batches(self, pairs: list[dict[str, Any]], rng: random.Random) -> list[list[dict[str, Any]]]:
         cfg = self.config
         rng.shuffle(pairs)
+        if cfg.batching == "packed":  # no padding to share: fill each micro-batch up to the real-token budget
+            batches, current, used = [], [], 0
+            for pair in pairs:
+                size = len(pair["input_ids_chosen"]) + len(pair["input_ids_rejected"])
+                if current and (len(current) >= cfg.pairs_per_batch or used + size > cfg.token_budget):
+                    batches.append(current)
+                    current, used = [], 0
+                current.append(pair)
+                used += size
+            return batches + ([current] if current else [])
         if cfg.batching == "fixed":
             return [pairs[i : i + cfg.pairs_per_batch] for i in range(0, len(pairs), cfg.pairs_per_batch)]
         pairs.sort(key=_pair_length)  # stable: ties keep the shuffled order
@@ -276,6 +291,62 @@ def _records(files: list[str], source: int) -> Iterator[dict[str, Any]]:
             row = rec.get("row")
             yield {"file": rec["file"], "line": rec["line"], "text": rec.get("text"), "error": rec.get("error"),
                    "row": None if row is None else json.dumps(row, default=str), "source": source}
+
+
+def pack_pairs(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:
+    """Padding-free micro-batch: every chosen and rejected sequence laid end to end in rows of at most
+    ``row_length`` tokens (first fit, longest first), ``position_ids`` restarting at 0 for each sequence.
+
+    transformers builds a block-diagonal causal mask from restarting position_ids when no attention mask is given
+    (and no KV cache is used), so each sequence attends only to itself. ``chosen_index`` / ``rejected_index`` hold the
+    (row, column) of each sequence's last token, where its reward is read.
+    """
+    seqs = [(i, side, pair[f"input_ids_{side}"]) for i, pair in enumerate(pairs) for side in ("chosen", "rejected")]
+    longest, total = max(len(s) for _, _, s in seqs), sum(len(s) for _, _, s in seqs)
+    rows, fill = _first_fit(seqs, max(row_length or longest, longest))
+    # Rows as few as at row_length, but as short as possible: narrow them until a sequence would need another row,
+    # so the last row is not mostly padding.
+    width = max(longest, -(-total // len(rows)))
+    while True:
+        narrow = _first_fit(seqs, width)
+        if len(narrow[0]) <= len(rows):
+            rows, fill = narrow
+            break
+        width += max(1, width // 64)
+    width = max(fill)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    index = {"chosen": torch.zeros((len(pairs), 2), dtype=torch.long),
+             "rejected": torch.zeros((len(pairs), 2), dtype=torch.long)}
+    for r, row in enumerate(rows):
+        col = 0
+        for i, side, seq in row:
+            ids[r, col : col + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            pos[r, col : col + len(seq)] = torch.arange(len(seq))
+            index[side][i] = torch.tensor([r, col + len(seq) - 1])
+            col += len(seq)
+        pos[r, col:] = torch.arange(width - col)  # the row's tail padding is a sequence of its own
+    out = {"packed_input_ids": ids, "packed_position_ids": pos, "chosen_index": index["chosen"],
+           "rejected_index": index["rejected"], "packed_real_tokens": torch.tensor(sum(fill))}
+    if "margin" in pairs[0]:
+        out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
+    return out
+
+
+def _first_fit(seqs: list[tuple[int, str, list[int]]], capacity: int) -> tuple[list[list[Any]], list[int]]:
+    """First-fit decreasing bin packing of sequences into rows of ``capacity`` tokens."""
+    rows: list[list[Any]] = []
+    fill: list[int] = []
+    for item in sorted(seqs, key=lambda x: -len(x[2])):
+        n = len(item[2])
+        row = next((r for r, used in enumerate(fill) if used + n <= capacity), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(item)
+        fill[row] += n
+    return rows, fill
 
 
 def truncate_pair(pair: dict[str, Any], limit: int) -> dict[str, Any]:

@@ -27,7 +27,14 @@ from rm_scale.config import RewardConfig
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.distributed import all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
-from rm_scale.model import SCORE_HEAD_NAMES, base_model, disable_dropout, forward_rewards, load_reward_model
+from rm_scale.model import (
+    SCORE_HEAD_NAMES,
+    base_model,
+    disable_dropout,
+    forward_packed_rewards,
+    forward_rewards,
+    load_reward_model,
+)
 from rm_scale.preemption import PreemptionCallback, TrainingPreempted, slurm_requeue
 from rm_scale.stream import PairFiles, PairStream, StreamConfig, padding_batch
 
@@ -216,11 +223,9 @@ class RewardTrainer(Trainer):
         num_items_in_batch: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         is_padding = bool(inputs.pop("_pad", False))
-        n = inputs["input_ids_chosen"].shape[0]
-        input_ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
-        attention_mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
-        rewards = forward_rewards(model, input_ids, attention_mask)
-        chosen, rejected = rewards[:n], rewards[n:]
+        chosen, rejected, tokens = _pair_rewards(model, inputs)
+        n = chosen.shape[0]
+        rewards = torch.cat([chosen, rejected])
         sums = bradley_terry_sums(chosen, rejected, margin=inputs.get("margin"))
         if num_items_in_batch is None:  # evaluation: a plain mean over this batch
             loss = total_loss(sums, num_pairs=n, center_coef=self.args.center_rewards_coefficient)
@@ -235,7 +240,7 @@ class RewardTrainer(Trainer):
             # A rank whose shard ran out still runs the forward/backward (ZeRO-3 collectives), with weight zero.
             loss = loss * 0.0
         elif model.training:
-            self._accumulate(sums, chosen.detach(), rejected.detach(), attention_mask)
+            self._accumulate(sums, chosen.detach(), rejected.detach(), tokens)
         if return_outputs:
             return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
         return loss
@@ -256,7 +261,7 @@ class RewardTrainer(Trainer):
             self._term_values["total"] = self._term_values.get("total", 0.0) + global_terms_value(moments, self._terms)
         return surrogate
 
-    def _accumulate(self, sums: Any, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor) -> None:
+    def _accumulate(self, sums: Any, chosen: torch.Tensor, rejected: torch.Tensor, tokens: torch.Tensor) -> None:
         # Kept as device tensors: no host sync per micro-step; reduced across ranks once per logging step.
         step = torch.stack(
             [
@@ -269,8 +274,8 @@ class RewardTrainer(Trainer):
                 (chosen.float() ** 2).sum(),
                 rejected.float().sum(),
                 (rejected.float() ** 2).sum(),
-                mask.sum().float().to(chosen.device),
-                torch.tensor(float(mask.numel()), device=chosen.device),
+                tokens[0].float().to(chosen.device),
+                tokens[1].float().to(chosen.device),
             ]
         )
         self._sums = step if self._sums is None else self._sums + step
@@ -311,9 +316,8 @@ class RewardTrainer(Trainer):
         with torch.no_grad():
             for batch in batches:
                 inputs = self._prepare_inputs({k: v for k, v in batch.items() if k != "_pad"})
-                ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
-                mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
-                rewards = forward_rewards(model, ids, mask).float()
+                chosen, rejected, _ = _pair_rewards(model, inputs)
+                rewards = torch.cat([chosen, rejected]).float()
                 if not batch.get("_pad", False):
                     local += torch.stack([torch.tensor(float(rewards.numel()), device=local.device),
                                           rewards.sum(), (rewards * rewards).sum()])
@@ -535,7 +539,27 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def _real_pairs(batch: Mapping[str, Any]) -> int:
-    return 0 if batch.get("_pad", False) else int(batch["input_ids_chosen"].shape[0])
+    if batch.get("_pad", False):
+        return 0
+    return int(batch["chosen_index" if "chosen_index" in batch else "input_ids_chosen"].shape[0])
+
+
+def _pair_rewards(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen rewards, rejected rewards, [real tokens, computed tokens]) from ONE forward of a padded or a packed
+    micro-batch."""
+    if "packed_input_ids" in inputs:
+        ids, pos = inputs["packed_input_ids"], inputs["packed_position_ids"]
+        index = torch.cat([inputs["chosen_index"], inputs["rejected_index"]])
+        rewards = forward_packed_rewards(model, ids, pos, index)
+        tokens = torch.stack([inputs["packed_real_tokens"].reshape(()).float(),
+                              torch.tensor(float(ids.numel()), device=ids.device)])
+    else:
+        ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
+        mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
+        rewards = forward_rewards(model, ids, mask)
+        tokens = torch.stack([mask.sum().float(), torch.tensor(float(mask.numel()), device=mask.device)])
+    n = rewards.shape[0] // 2
+    return rewards[:n], rewards[n:], tokens
 
 
 def _pair_metrics(s: dict[str, float], center_coef: float | None) -> dict[str, float]:

@@ -57,3 +57,12 @@ def test_real_hh_rlhf_report(tok_dir):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["formats"] == ["implicit_prompt"]
     assert report["pairs_kept"] + sum(report["pairs_dropped"].values()) == 2000
+
+
+@pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")
+def test_real_hh_rlhf_packed_report(tok_dir):
+    proc = _inspect(HH, "--model", tok_dir, "--max-length", "512", "--batching", "packed", "--token-budget", "8192",
+                    "--json")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["padding_efficiency"] >= 0.95 > report["padding_efficiency_fixed_batches"]
+    assert report["length_percentiles"]["100"] <= 512

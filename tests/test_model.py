@@ -82,3 +82,32 @@ def test_init_score_head_uses_a_private_generator(tiny_dir):
     torch.manual_seed(456)
     init_score_head(model, seed=7)
     assert torch.equal(first, score_head(model).weight)
+
+
+def test_packed_rewards_equal_padded_rewards(model_and_tok):
+    """Padding-free packing (restarting position_ids, no mask) reads the same rewards as a padded batch."""
+    from rm_scale.model import forward_packed_rewards
+    from rm_scale.stream import pack_pairs
+
+    model, tok = model_and_tok
+    eos = tok.eos_token_id
+    torch.manual_seed(0)
+    pairs = []
+    for n_c, n_r in ((5, 3), (9, 9), (2, 7), (4, 1)):
+        c = torch.randint(5, 40, (n_c,)).tolist() + [eos]
+        r = torch.randint(5, 40, (n_r,)).tolist() + [eos]
+        pairs.append({"input_ids_chosen": c, "attention_mask_chosen": [1] * len(c),
+                      "input_ids_rejected": r, "attention_mask_rejected": [1] * len(r)})
+    packed = pack_pairs(pairs, row_length=12, pad_id=tok.pad_token_id)
+    assert packed["packed_input_ids"].shape[1] <= 12
+    assert packed["packed_real_tokens"].item() == sum(len(p["input_ids_chosen"]) + len(p["input_ids_rejected"])
+                                                       for p in pairs)
+    padded = RewardDataCollatorWithPadding(tok)(pairs)
+    with torch.no_grad():
+        got_c = forward_packed_rewards(model, packed["packed_input_ids"], packed["packed_position_ids"],
+                                       packed["chosen_index"])
+        got_r = forward_packed_rewards(model, packed["packed_input_ids"], packed["packed_position_ids"],
+                                       packed["rejected_index"])
+        want_c = forward_rewards(model, padded["input_ids_chosen"], padded["attention_mask_chosen"])
+        want_r = forward_rewards(model, padded["input_ids_rejected"], padded["attention_mask_rejected"])
+    assert torch.allclose(got_c, want_c, atol=1e-5) and torch.allclose(got_r, want_r, atol=1e-5)
