@@ -100,8 +100,8 @@ def resolve_resume(value: Any, output_dir: str | os.PathLike) -> str | None:
     """What ``resume_from_checkpoint`` means, as a folder or None.
 
     None/False/"no"/"never"/"false": start fresh. "auto": the latest complete checkpoint of ``output_dir`` if there is
-    one, else start fresh. True/"true": the latest complete checkpoint; an error if there is none. Anything else: a
-    checkpoint folder, used as given (an error if it does not exist; a warning if it has no completion marker).
+    one, else start fresh. True/"true"/"yes": the latest complete checkpoint; an error if there is none. Anything
+    else: a checkpoint folder, used as given (an error if it does not exist; a warning if it has no completion marker).
     """
     if value is None or value is False:
         return None
@@ -115,7 +115,7 @@ def resolve_resume(value: Any, output_dir: str | os.PathLike) -> str | None:
         else:
             logger.info("resume_from_checkpoint=auto: resuming from %s.", found)
         return found
-    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+    if value is True or (isinstance(value, str) and value.strip().lower() in {"true", "yes"}):
         found = latest_checkpoint(output_dir)
         _log_partial(output_dir, found)
         if found is None:

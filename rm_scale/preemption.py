@@ -41,7 +41,9 @@ _REQUEUE_SIGNALS = (signal.SIGUSR1,)
 
 
 class TrainingPreempted(SystemExit):
-    """Raised by `RewardTrainer.train` after a signal-triggered checkpoint; exits the process with code 75."""
+    """Raised by `RewardTrainer.train` after a signal-triggered checkpoint; exits the process with code 75.
+
+    SIGTERM and SIGUSR1 stay ignored afterwards (`exit_on_signal_from_now_on`): the process is expected to exit."""
 
     def __init__(self, checkpoint: str | None, signals: list[str], requeued: bool) -> None:
         super().__init__(PREEMPTED_EXIT_CODE)
@@ -89,7 +91,8 @@ class PreemptionCallback(TrainerCallback):
     def _handle(self, signum: int, frame: Any) -> None:
         self.received.add(signum)
         # os.write, not logging/print: this runs between two bytecodes of whatever the main thread was doing.
-        msg = f"rm_scale: rank pid {os.getpid()} got {signal.Signals(signum).name}: checkpoint at the next step, then stop\n"
+        name = signal.Signals(signum).name
+        msg = f"rm_scale: rank pid {os.getpid()} got {name}: checkpoint at the next step, then stop\n"
         try:
             os.write(2, msg.encode())
         except OSError:
@@ -119,7 +122,9 @@ class PreemptionCallback(TrainerCallback):
         control.should_evaluate = False  # time is short: save first
         if state.is_world_process_zero:
             logger.warning(
-                "%s received: saving a checkpoint at step %d and stopping.", "+".join(self.signal_names), state.global_step
+                "%s received: saving a checkpoint at step %d and stopping.",
+                "+".join(self.signal_names),
+                state.global_step,
             )
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -138,6 +143,20 @@ class PreemptionCallback(TrainerCallback):
     @property
     def wants_requeue(self) -> bool:
         return any(s in self.agreed for s in _REQUEUE_SIGNALS)
+
+
+def exit_on_signal_from_now_on() -> None:
+    """After the checkpoint of a stopped run: ignore SIGTERM/SIGUSR1, so the process ends by itself with code 75.
+
+    torchrun's agent SIGTERMs the other workers as soon as one exits, and Slurm signals every process after a requeue;
+    a rank still shutting down (its checkpoint is complete) must not die of that signal. A Python handler would not do:
+    the interpreter resets its handlers to the default while it finalises; an ignored signal stays ignored. The
+    launcher's SIGKILL (torchrun: 30 s later; Slurm: KillWait) still ends a process that does not exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def slurm_requeue() -> bool:

@@ -35,7 +35,12 @@ from rm_scale.model import (
     forward_rewards,
     load_reward_model,
 )
-from rm_scale.preemption import PreemptionCallback, TrainingPreempted, slurm_requeue
+from rm_scale.preemption import (
+    PreemptionCallback,
+    TrainingPreempted,
+    exit_on_signal_from_now_on,
+    slurm_requeue,
+)
 from rm_scale.stream import PairFiles, PairStream, StreamConfig, padding_batch
 
 logger = logging.getLogger(__name__)
@@ -390,6 +395,8 @@ class RewardTrainer(Trainer):
         finally:
             if self._preemption is not None:
                 self._preemption.uninstall()
+                if self._preemption.stopped:  # checkpoint complete: a further signal must not turn exit 75 into a kill
+                    exit_on_signal_from_now_on()
         if self._preemption is not None and self._preemption.stopped:
             self._end_preempted()
         return output

@@ -156,7 +156,8 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes_to_the_uninterrupted_
     logged = [r["step"] for r in rows if "loss_exact" in r]
     assert logged == list(range(1, steps + 1)), logged  # each step once: the restart went on after step0
     assert all(r["pairs"] == 2 * BATCH for r in rows if "loss_exact" in r)
-    ref_loss = {r["step"]: r["loss_exact"] for r in (json.loads(x) for x in open(ref / "metrics.jsonl")) if "loss_exact" in r}
+    ref_rows = [json.loads(line) for line in open(ref / "metrics.jsonl")]
+    ref_loss = {r["step"]: r["loss_exact"] for r in ref_rows if "loss_exact" in r}
     for r in rows:
         if "loss_exact" in r:
             assert abs(r["loss_exact"] - ref_loss[r["step"]]) <= 1e-6, r["step"]
