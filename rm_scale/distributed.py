@@ -26,3 +26,14 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
+
+
+def shutdown() -> None:
+    """Leave together: a barrier, then tear the process group down on every rank.
+
+    Without it a rank that finishes first exits while the others still hold the group (ZeRO-3 may even have
+    prefetches in flight), and gloo can abort that rank at interpreter exit ("terminate called without an active
+    exception"), failing a run that had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

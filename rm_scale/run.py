@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -16,6 +17,7 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from rm_scale.config import RewardConfig
+    from rm_scale.distributed import shutdown
     from rm_scale.model import REWARD_STATS_FILE, load_reward_model, set_reward_stats
     from rm_scale.recipe import resolve_model_path
     from rm_scale.trainer import RewardTrainer
@@ -54,14 +56,20 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_data is not None else {}
     final_dir = os.path.join(args.output_dir, "final")
+    staging = final_dir + ".partial"  # the model is written here, then moved into place whole
     stream_report = trainer.stream_report()  # collective: every rank
     stats = _reward_stats(metrics, pairs=len(trainer.eval_dataset)) if metrics else {}
     set_reward_stats(trainer.model, stats)  # every rank: under ZeRO-3 save_model is collective
-    trainer.save_model(final_dir)
+    if trainer.is_world_process_zero() and os.path.isdir(staging):
+        shutil.rmtree(staging)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)
+    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         if stats and peft_config is not None:  # an adapter folder has no config.json of the model
-            with open(os.path.join(final_dir, REWARD_STATS_FILE), "w") as f:
+            with open(os.path.join(staging, REWARD_STATS_FILE), "w") as f:
                 json.dump(stats, f, indent=2)
+        _publish(staging, final_dir)
         with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         data_report["train_stream_per_rank"] = stream_report
@@ -75,7 +83,20 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
         if metrics:
             print(f"rm_scale: held-out accuracy {metrics['eval_accuracy']:.3f} on {len(eval_data)} pairs")
         print(f"rm_scale: metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    shutdown()
     return metrics
+
+
+def _publish(staging: str, final_dir: str) -> None:
+    """Move a finished model folder into place: a reader sees the old folder or the new one, never half of one."""
+    old = final_dir + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(final_dir):
+        os.replace(final_dir, old)
+    os.replace(staging, final_dir)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
 
 
 def _preflight(recipe: dict[str, Any], args: Any) -> None:
