@@ -45,6 +45,9 @@ from rm_scale.stream import PairFiles, PairStream, StreamConfig, padding_batch
 
 logger = logging.getLogger(__name__)
 
+# Training reward histogram: fixed bins (so counts from ranks and steps simply add), plus under- and overflow.
+HIST_EDGES = [x / 2 for x in range(-16, 17)]  # -8.0 .. 8.0 by 0.5
+
 # Order of the per-step metric sums kept on device and reduced once per logging step.
 _SUM_KEYS = ("pairs", "bt", "center", "correct", "margin", "chosen", "chosen_sq", "rejected", "rejected_sq",
              "real_tokens", "padded_tokens")
@@ -283,6 +286,7 @@ class RewardTrainer(Trainer):
                 tokens[1].float().to(chosen.device),
             ]
         )
+        step = torch.cat([step, _histogram(chosen.float()), _histogram(rejected.float())])
         self._sums = step if self._sums is None else self._sums + step
 
     # ---- streaming data -------------------------------------------------------------------------------------------
@@ -501,9 +505,12 @@ class RewardTrainer(Trainer):
         # The condition must not depend on this rank's data (a rank may have logged only padding batches):
         # every rank reaches this collective at the same step or none does.
         if "loss" in logs and "learning_rate" in logs:
-            sums = self._sums if self._sums is not None else torch.zeros(len(_SUM_KEYS), device=self.args.device)
-            sums = all_reduce_sum(sums)
-            totals = dict(zip(_SUM_KEYS, sums.tolist()))
+            width = len(_SUM_KEYS) + 2 * (len(HIST_EDGES) + 1)
+            sums = self._sums if self._sums is not None else torch.zeros(width, device=self.args.device)
+            sums = all_reduce_sum(sums).tolist()
+            totals = dict(zip(_SUM_KEYS, sums))
+            bins = len(HIST_EDGES) + 1
+            histogram = {"edges": HIST_EDGES, "chosen": sums[len(_SUM_KEYS):][:bins], "rejected": sums[-bins:]}
             logs.update(_pair_metrics(totals, self.args.center_rewards_coefficient))
             if self._term_values:
                 steps = self._term_values.pop("steps")
@@ -512,11 +519,25 @@ class RewardTrainer(Trainer):
                 self._term_values = {}
             logs.update(self._throughput(totals))
             self._sums = None
+        else:
+            histogram = None
         super().log(logs, start_time)
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
+            record = {"step": self.state.global_step, **logs}
+            if histogram is not None:
+                # counts of training rewards per bin since the last log; bin i is [edges[i-1], edges[i]), bin 0
+                # and the last bin are under- and overflow
+                record["rewards_histogram"] = histogram
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+                f.write(json.dumps(record) + "\n")
+
+
+def _histogram(values: torch.Tensor) -> torch.Tensor:
+    """Counts per HIST_EDGES bin, with under- and overflow bins: device-side, no host sync."""
+    edges = torch.tensor(HIST_EDGES, device=values.device, dtype=values.dtype)
+    index = torch.bucketize(values, edges, right=True)  # 0: below the first edge; len(edges): at or above the last
+    return torch.bincount(index, minlength=len(HIST_EDGES) + 1).float()
 
 
 def _subset_accuracy(ev: EvalRewards) -> dict[str, float]:

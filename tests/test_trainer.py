@@ -48,6 +48,8 @@ def test_loss_falls_and_every_parameter_changes(tiny_dir, demo_data, tmp_path):
     assert metrics["eval_accuracy"] > 0.5 and "eval_rewards_std" in metrics
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [x["step"] for x in lines if "loss_exact" in x] == [4, 8, 12]
+    hist = lines[0]["rewards_histogram"]
+    assert sum(hist["chosen"]) == sum(hist["rejected"]) == 32 and len(hist["chosen"]) == len(hist["edges"]) + 1
 
 
 def test_processing_class_and_model_name_are_accepted(tiny_dir, demo_data, tmp_path):
