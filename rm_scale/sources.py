@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
+HUB = "hub:"  # "hub:org/name" or "hub:org/name@split" (default split: train)
 CANONICAL = ("prompt", "chosen", "rejected", "margin", "subset")
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 PRETOKENIZED = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
@@ -83,6 +84,9 @@ def resolve_files(paths: Sequence[str]) -> list[str]:
     """Expand shipped names, globs and folders into data files. A path that matches nothing is an error."""
     out: list[str] = []
     for item in paths:
+        if item.startswith(HUB):  # a hub data set, streamed by `datasets` (needs the network, or its local cache)
+            out.append(item)
+            continue
         if item in DEMO_DATA:
             out.append(str(Path(__file__).parent / "demo_data" / DEMO_DATA[item]))
             continue
@@ -112,7 +116,9 @@ def _is_data_file(path: str) -> bool:
 
 
 def file_kind(path: str) -> str:
-    """How a data file is read: 'jsonl', 'json' (one array or object), 'parquet', 'csv' or 'saved'."""
+    """How a data file is read: 'jsonl', 'json' (one array or object), 'parquet', 'csv', 'saved' or 'hub'."""
+    if path.startswith(HUB):
+        return "hub"
     if is_saved_dataset(path):
         return "saved"
     name = path[:-3] if path.endswith(".gz") else path
@@ -157,6 +163,16 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
         return
     from datasets import load_dataset, load_from_disk
 
+    if kind == "hub":
+        name, _, split = path[len(HUB):].partition("@")
+        try:
+            rows = load_dataset(name, split=split or "train", streaming=True)
+        except Exception as e:  # offline, unknown name, gated: say which source and how to fix it
+            raise ValueError(f"{path}: cannot open the hub data set {name!r} ({type(e).__name__}: {e}). Check the "
+                             "name and the network (HF_HUB_OFFLINE), or download it and give local files.") from e
+        for i, row in enumerate(rows, 1):
+            yield {"file": path, "line": i, "row": row}
+        return
     if kind == "saved":
         ds = load_from_disk(path)
         ds = ds["train"] if hasattr(ds, "keys") and "train" in ds else ds

@@ -231,3 +231,16 @@ def test_keep_end_truncation_keeps_the_response_end(tmp_path, tok):
     assert batch["input_ids_chosen"].shape[1] == 10
     assert batch["input_ids_chosen"][0, -1].item() == tok.eos_token_id
     assert stream.stats.truncated == 1 and not stream.stats.dropped
+
+
+def test_hub_sources_stream_through_datasets(tmp_path, tok):
+    """`hub:NAME[@split]` goes through datasets.load_dataset(NAME, streaming=True): a local data-set folder stands
+    in for a hub name here (no network); an unreachable name is a clear error."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"prompt": f"User: {i}", "chosen": " Sure", "rejected": " no"} for i in range(5)]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stream = _stream([f"hub:{folder}@test"], tok)
+    assert sorted(_ids(list(stream), tok)) == list(range(5))
+    with pytest.raises(ValueError, match="cannot open the hub data set"):
+        list(_stream(["hub:rm-scale-no-such/dataset"], tok))
