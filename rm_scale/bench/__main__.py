@@ -1,0 +1,309 @@
+"""`python -m rm_scale.bench [--quick | --smoke]`: run every contender, the data-pipeline and ZeRO-3 memory measurements,
+and write ``<out>/results.{json,md,png}``. See `rm_scale.bench` and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "pairs.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str  # "trl" | "rm_scale" | "bare" (rm_scale.bench.worker)
+    ranks: int  # 1: a plain process; 2: accelerate launch, ZeRO-3 over gloo
+    batching: str = "fixed"  # rm_scale's stream batching; TRL always pads fixed-size random batches
+
+
+CONTENDERS = (
+    Contender("trl-1p", "trl", 1),
+    Contender("trl-z3x2", "trl", 2),
+    Contender("rm_scale-fixed-1p", "rm_scale", 1, "fixed"),
+    Contender("rm_scale-lg-1p", "rm_scale", 1, "length_grouped"),
+    Contender("rm_scale-fixed-z3x2", "rm_scale", 2, "fixed"),
+    Contender("rm_scale-lg-z3x2", "rm_scale", 2, "length_grouped"),
+    Contender("bare-lg-1p", "bare", 1, "length_grouped"),  # rm_scale-lg-1p's exact batches, no framework
+    Contender("bare-fixed-1p", "bare", 1, "fixed"),  # TRL-style batches (fixed, random order) = rm_scale-fixed-1p's
+)
+
+
+@dataclass
+class Settings:
+    """What every contender shares. The mode (`--quick`, `--smoke`, default full) sets steps/warmup/repeats/model."""
+
+    mode: str
+    steps: int
+    warmup: int  # steps measured from this index on (0-based); earlier ones are start-up
+    repeats: int
+    model: str  # "BENCH" | "SMOKE" (rm_scale.bench.model)
+    max_length: int = 512
+    pairs_per_device: int = 8
+    lr: float = 1e-5
+    seed: int = 0
+    block_size: int = 1024  # rm_scale's stream_block_size default
+    token_budget: int = 4096  # for the pipeline's token_budget variant: 2 x 8 pairs x 256 tokens
+    group: bool = False  # smoke: all 1-process contenders in one process, all 2-rank ones in one launch
+    memory: bool = True  # ZeRO-3 memory at world size 1 vs 2 (two extra launches)
+    pipeline_batches: int | None = None  # None: a whole pass over the data
+    max_pairs: int | None = None  # use only the first N pairs of the data file (smoke)
+
+
+MODES = {
+    "full": dict(steps=60, warmup=10, repeats=3, model="BENCH"),
+    "quick": dict(steps=10, warmup=3, repeats=1, model="BENCH"),
+    "smoke": dict(steps=4, warmup=1, repeats=1, model="SMOKE", max_length=128, group=True, memory=False,
+                  pipeline_batches=20, max_pairs=256, block_size=64),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rm_scale.bench", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="10 steps, 1 repeat (make bench-quick)")
+    mode.add_argument("--smoke", action="store_true", help="a tiny model, 4 steps, grouped processes (CI)")
+    parser.add_argument("--out", default=str(ROOT / "bench_results"), help="where results.{json,md,png} go")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference pairs (hh-rlhf harmless-base)")
+    parser.add_argument("--steps", type=int, help="override the mode's steps per run")
+    parser.add_argument("--warmup", type=int, help="override the mode's warm-up steps")
+    parser.add_argument("--repeats", type=int, help="override the mode's repeats")
+    parser.add_argument("--only", help="comma-separated contender names (default: all)")
+    parser.add_argument("--no-extras", action="store_true", help="skip the pipeline and ZeRO-3 memory measurements")
+    args = parser.parse_args(argv)
+
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"rm_scale.bench: skipped: {data} not found. The benchmark needs the hh-rlhf pairs of ../shared/data "
+              "(see ../shared/data/README.md).")
+        return 0
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    settings = Settings(mode=name, **MODES[name])
+    for key in ("steps", "warmup", "repeats"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    if not 0 < settings.warmup < settings.steps:
+        raise SystemExit(f"need 0 < warmup ({settings.warmup}) < steps ({settings.steps})")
+    contenders = CONTENDERS
+    if args.only:
+        wanted = set(args.only.split(","))
+        contenders = tuple(c for c in CONTENDERS if c.name in wanted)
+        if unknown := wanted - {c.name for c in contenders}:
+            raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {[c.name for c in CONTENDERS]}")
+
+    from rm_scale.bench import report
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="rm_scale_bench_"))
+    try:
+        results = run_all(settings, contenders, data=data, work=work, extras=not args.no_extras)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.write(results, out)
+    print(report.text_table(results))
+    print(f"rm_scale.bench: wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    return 1 if results["errors"] else 0
+
+
+def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path, work: Path,
+            extras: bool) -> dict[str, Any]:
+    from rm_scale.bench import model as bench_model
+    from rm_scale.bench import report
+    from rm_scale.pretrained import smollm2_path
+
+    tokenizer_dir = smollm2_path()
+    model_dir = work / "model"
+    size = getattr(bench_model, settings.model)
+    model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer_dir, seed=settings.seed)
+    launch = _launch_config(work)
+    if settings.max_pairs:
+        data = _head(data, settings.max_pairs, work / "pairs.jsonl")
+    base = {"model_dir": str(model_dir), "data": str(data), "vocab": size.vocab, "steps": settings.steps,
+            "max_length": settings.max_length, "pairs_per_device": settings.pairs_per_device, "lr": settings.lr,
+            "seed": settings.seed, "block_size": settings.block_size}
+    results: dict[str, Any] = {
+        "settings": dataclasses.asdict(settings), "model": model_info, "environment": _environment(),
+        "contenders": {c.name: dataclasses.asdict(c) for c in contenders}, "runs": [], "errors": [],
+    }
+    for repeat in range(settings.repeats):
+        # alternate: each repeat starts one contender later, so a slow phase of the machine hits different contenders
+        order = list(contenders[repeat % len(contenders):] + contenders[:repeat % len(contenders)])
+        groups = _groups(order, settings.group)
+        for group in groups:
+            specs = [{**base, "name": f"{c.name}.r{repeat}", "kind": c.kind, "batching": c.batching,
+                      "out_dir": str(work)} for c in group]
+            run = _launch(specs, ranks=group[0].ranks, work=work, launch=launch, label=f"repeat {repeat}")
+            for c, spec in zip(group, specs):
+                records = _rank_records(work, spec["name"], group[0].ranks)
+                entry = {"contender": c.name, "repeat": repeat, **run}
+                if records:
+                    entry.update(report.summarize_run(records, warmup=settings.warmup, model_params=model_info["params"]))
+                else:
+                    results["errors"].append(f"{spec['name']}: no measurements (exit {run['returncode']}): "
+                                             f"{run['log_tail'][-1500:]}")
+                entry.pop("log_tail")
+                results["runs"].append(entry)
+    if extras:
+        results["pipeline"] = _pipeline(settings, base, work, launch)
+        if settings.memory:
+            results["zero3_memory"] = _zero3_memory(settings, base, work, launch, tokenizer_dir)
+    for extra in ("pipeline", "zero3_memory"):
+        if isinstance(results.get(extra), dict) and "error" in results[extra]:
+            results["errors"].append(f"{extra}: {results[extra]['error'][-1500:]}")
+    results["summary"] = report.summarize(results)
+    return results
+
+
+def _groups(order: list[Contender], grouped: bool) -> list[list[Contender]]:
+    if not grouped:
+        return [[c] for c in order]
+    by_ranks: dict[int, list[Contender]] = {}
+    for c in order:
+        by_ranks.setdefault(c.ranks, []).append(c)
+    return list(by_ranks.values())
+
+
+def _pipeline(settings: Settings, base: dict[str, Any], work: Path, launch: Path) -> dict[str, Any]:
+    lg = {"batching": "length_grouped", "block_size": settings.block_size}
+    variants = [
+        {"batching": "fixed", "block_size": settings.block_size, "workers": 0},
+        {**lg, "workers": 0},
+        {**lg, "workers": 1},
+        {"batching": "token_budget", "token_budget": settings.token_budget, "block_size": settings.block_size,
+         "workers": 0},
+        {"batching": "length_grouped", "block_size": 4096, "workers": 0},  # the whole file in one block
+    ]
+    if settings.mode == "smoke":
+        variants = variants[:3]
+    spec = {**base, "name": "pipeline", "kind": "pipeline", "out_dir": str(work), "variants": variants,
+            "max_batches": settings.pipeline_batches}
+    run = _launch([spec], ranks=1, work=work, launch=launch, label="pipeline")
+    records = _rank_records(work, "pipeline", 1)
+    if not records:
+        return {"error": run["log_tail"], **{k: v for k, v in run.items() if k != "log_tail"}}
+    return {"variants": records[0]["variants"], "load_avg": run["load_avg"], "peak_rss_gb": records[0]["peak_rss_gb"]}
+
+
+def _zero3_memory(settings: Settings, base: dict[str, Any], work: Path, launch: Path,
+                  tokenizer_dir: Path) -> dict[str, Any]:
+    """Model + optimizer state per rank under ZeRO-3 at world size 1 and 2, for a model large enough to show it."""
+    from rm_scale.bench import model as bench_model
+
+    model_dir = work / "memory_model"
+    info = bench_model.build_model_dir(model_dir, bench_model.MEMORY, tokenizer_dir=tokenizer_dir, seed=settings.seed)
+    out: dict[str, Any] = {"model": info}
+    for ranks in (1, 2):
+        name = f"zero3_memory.ws{ranks}"
+        spec = {**base, "name": name, "kind": "zero3_memory", "model_dir": str(model_dir),
+                "vocab": bench_model.MEMORY.vocab, "steps": 2, "pairs_per_device": 1, "max_length": 64,
+                "out_dir": str(work)}
+        run = _launch([spec], ranks=ranks, work=work, launch=launch, label=name, zero3_single=True)
+        records = _rank_records(work, name, ranks)
+        if not records:
+            return {"error": run["log_tail"]}
+        out[f"ws{ranks}"] = {"per_rank": records, "load_avg": run["load_avg"]}
+    return out
+
+
+# ---- processes -----------------------------------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               WANDB_MODE="disabled", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _head(data: Path, n: int, path: Path) -> Path:
+    import gzip
+    import itertools
+
+    with (gzip.open(data, "rt", encoding="utf-8") if data.suffix == ".gz" else open(data, encoding="utf-8")) as f:
+        path.write_text("".join(itertools.islice(f, n)), encoding="utf-8")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_config(work: Path) -> Path:
+    """launch/zero3.yaml pointed at ds_configs/zero3.json with persistence threshold 0: else ZeRO-3 keeps every
+    parameter of a model this small whole on each rank and nothing is partitioned (PLATFORM.md item 5)."""
+    import yaml
+
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_path = work / "zero3.json"
+    ds_path.write_text(json.dumps(ds, indent=2))
+    config = yaml.safe_load((ROOT / "launch" / "zero3.yaml").read_text())
+    config["deepspeed_config"]["deepspeed_config_file"] = str(ds_path)
+    path = work / "zero3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _launch(specs: list[dict[str, Any]], *, ranks: int, work: Path, launch: Path, label: str,
+            zero3_single: bool = False) -> dict[str, Any]:
+    """Run the worker on ``specs``: one plain process, or ``ranks`` processes through accelerate launch + ZeRO-3
+    (``zero3_single``: also for one rank). Returns exit code, wall seconds and the load average around it."""
+    spec_path = work / f"spec-{specs[0]['name']}.json"
+    spec_path.write_text(json.dumps(specs))
+    worker = ["-m", "rm_scale.bench.worker", str(spec_path)]
+    if ranks == 1 and not zero3_single:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "--num_processes",
+               str(ranks), "--main_process_port", str(_free_port()), *worker]
+    names = ", ".join(s["name"] for s in specs)
+    print(f"rm_scale.bench: [{label}] {names} ({ranks} rank{'s' if ranks > 1 else ''}) ...", flush=True)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - start
+    load_after = os.getloadavg()
+    if proc.returncode != 0:
+        print(f"rm_scale.bench: {names} exited {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return {"returncode": proc.returncode, "wall_s": round(wall, 1),
+            "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
+            "log_tail": (proc.stdout + proc.stderr)[-6000:]}
+
+
+def _rank_records(work: Path, name: str, ranks: int) -> list[dict[str, Any]]:
+    paths = [work / f"{name}.rank{r}.json" for r in range(ranks)]
+    if not all(p.is_file() for p in paths):
+        return []
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _environment() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "deepspeed", "trl", "datasets"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "versions": versions, "threads_per_rank": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Per-rank measurements → per-run and per-contender statistics, the targets, and results.{json,md,png}."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+# The issue's targets ("Benchmarks against TRL and the bare-loop limit").
+TARGETS = {
+    "speedup_vs_trl": 2.5,  # rm_scale (best batching) pairs/s over TRL's, 1 process and 2-rank ZeRO-3
+    "padding_efficiency": 0.95,  # rm_scale's best batching, real / computed tokens
+    "overhead_vs_bare": 1.05,  # rm_scale step time over the bare loop's, identical batches
+    "pipeline_vs_trainer": 10.0,  # data pipeline pairs/s over the trainer's consumption (per rank)
+    "zero3_memory_2_vs_1": 0.55,  # per-rank ZeRO-3 model+optimizer state, 2 ranks over 1 rank
+}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize_run(records: list[dict[str, Any]], *, warmup: int, model_params: int) -> dict[str, Any]:
+    """One run (all its ranks): steps from ``warmup`` on. A step's time is the slowest rank's (ZeRO-3 ranks wait for
+    each other every step anyway); pairs and tokens are summed over ranks."""
+    durations = []
+    for rec in records:
+        ends = [rec["start"], *rec["step_ends"]]
+        durations.append([b - a for a, b in zip(ends, ends[1:])])
+    steps = min(len(d) for d in durations)
+    measured = range(warmup, steps)
+    if not measured:
+        return {"error": f"only {steps} steps ran; warmup is {warmup}"}
+    step_times = [max(d[i] for d in durations) for i in measured]
+    cpu = [[b - a for a, b in zip([rec["cpu_start"], *rec["step_cpu"]], rec["step_cpu"])] for rec in records]
+    # rank balance: computed tokens of the average rank over those of the busiest rank, per step, summed. Below 1, the
+    # other ranks wait for the busiest one in every ZeRO-3 collective.
+    busiest = sum(max(rec["computed_tokens"][i] for rec in records) for i in measured)
+    average = sum(sum(rec["computed_tokens"][i] for rec in records) / len(records) for i in measured)
+    seconds = sum(step_times)
+    pairs = sum(rec["pairs"][i] for rec in records for i in measured)
+    real = sum(rec["real_tokens"][i] for rec in records for i in measured)
+    computed = sum(rec["computed_tokens"][i] for rec in records for i in measured)
+    out = {
+        "steps_measured": len(step_times),
+        "pairs_per_s": pairs / seconds,
+        "tokens_per_s": real / seconds,
+        "padding_efficiency": real / max(computed, 1),
+        "step_time_s": step_times,
+        "step_time_median_s": statistics.median(step_times),
+        "step_time_p10_s": _quantile(step_times, 0.1),
+        "step_time_p90_s": _quantile(step_times, 0.9),
+        "cpu_s_per_step": [max(c[i] for c in cpu) for i in measured],  # the busiest rank's process CPU time
+        "rank_balance": average / max(busiest, 1),
+        "peak_rss_gb_per_rank": [round(rec["peak_rss_gb"], 3) for rec in records],
+        # per measured step, rank 0: lets the report check that two contenders saw identical batches
+        "computed_tokens_per_step": [records[0]["computed_tokens"][i] for i in measured],
+        "pairs_per_step": [sum(rec["pairs"][i] for rec in records) for i in measured],
+    }
+    gathers = records[0].get("gathers") or []
+    if len(gathers) >= steps:
+        first, last = gathers[warmup - 1], gathers[steps - 1]
+        n = steps - warmup
+        calls = (last["ds_allgather_calls"] - first["ds_allgather_calls"]) / n
+        nbytes = (last["ds_allgather_bytes"] - first["ds_allgather_bytes"]) / n
+        other = {k: (v - first["other_collectives"].get(k, 0)) / n for k, v in last["other_collectives"].items()}
+        out["zero3_gathers_per_step"] = {
+            "calls": calls,
+            "bytes": nbytes,
+            # each all-gather outputs whole parameters: bytes / full fp32 model = how many times the model was gathered
+            "model_equivalents": nbytes / (4 * model_params),
+            "other_collectives": {k: v for k, v in other.items() if v},
+        }
+    return out
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per contender over repeats, ratios, and the targets."""
+    per: dict[str, Any] = {}
+    for name in results["contenders"]:
+        runs = [r for r in results["runs"] if r["contender"] == name and "pairs_per_s" in r]
+        if not runs:
+            continue
+        rate = [r["pairs_per_s"] for r in runs]
+        times = [t for r in runs for t in r["step_time_s"]]
+        entry = {
+            "repeats": len(runs),
+            "pairs_per_s": statistics.median(rate),
+            "pairs_per_s_min": min(rate),
+            "pairs_per_s_max": max(rate),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "padding_efficiency": statistics.mean(r["padding_efficiency"] for r in runs),
+            "step_time_median_s": statistics.median(times),
+            "step_time_p10_s": _quantile(times, 0.1),
+            "step_time_p90_s": _quantile(times, 0.9),
+            "step_time_mean_s": statistics.mean(times),
+            "cpu_s_per_step_mean": statistics.mean(t for r in runs for t in r["cpu_s_per_step"]),
+            # per step, the fastest of the repeats: the noise floor of a shared machine (identical batches per repeat)
+            "step_time_min_over_repeats_sum_s": sum(min(ts) for ts in zip(*(r["step_time_s"] for r in runs))),
+            "rank_balance": statistics.mean(r["rank_balance"] for r in runs),
+            "peak_rss_gb_per_rank": max(max(r["peak_rss_gb_per_rank"]) for r in runs),
+            "load_avg_1min": [r["load_avg"]["before"][0] for r in runs],
+        }
+        gathers = [r["zero3_gathers_per_step"] for r in runs if "zero3_gathers_per_step" in r]
+        if gathers:
+            entry["zero3_gathers_per_step"] = gathers[0]
+        per[name] = entry
+    return {"contenders": per, "ratios": _ratios(per, results), "targets": _targets(per, results)}
+
+
+def _get(per: dict[str, Any], name: str, key: str) -> float | None:
+    return per.get(name, {}).get(key)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _identical_batches(results: dict[str, Any], a: str, b: str) -> bool | None:
+    ra = [r for r in results["runs"] if r["contender"] == a and "computed_tokens_per_step" in r]
+    rb = [r for r in results["runs"] if r["contender"] == b and "computed_tokens_per_step" in r]
+    if not ra or not rb:
+        return None
+    return ra[0]["computed_tokens_per_step"] == rb[0]["computed_tokens_per_step"]
+
+
+def _ratios(per: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ws in ("1p", "z3x2"):
+        for batching in ("fixed", "lg"):
+            out[f"rm_scale-{batching}/trl pairs/s ({ws})"] = _div(
+                _get(per, f"rm_scale-{batching}-{ws}", "pairs_per_s"), _get(per, f"trl-{ws}", "pairs_per_s"))
+    for batching in ("fixed", "lg"):
+        a, b = f"rm_scale-{batching}-1p", f"bare-{batching}-1p"
+        out[f"{a}/{b} step time (mean)"] = _div(_get(per, a, "step_time_mean_s"), _get(per, b, "step_time_mean_s"))
+        out[f"{a}/{b} step time (median)"] = _div(_get(per, a, "step_time_median_s"),
+                                                  _get(per, b, "step_time_median_s"))
+        out[f"{a}/{b} step time (per-step min over repeats, summed)"] = _div(
+            _get(per, a, "step_time_min_over_repeats_sum_s"), _get(per, b, "step_time_min_over_repeats_sum_s"))
+        out[f"{a}/{b} CPU s per step (mean)"] = _div(_get(per, a, "cpu_s_per_step_mean"),
+                                                     _get(per, b, "cpu_s_per_step_mean"))
+        out[f"{a} vs {b}: identical batches"] = _identical_batches(results, a, b)
+    out["bare-lg-1p/trl-1p pairs/s (batching alone, no framework)"] = _div(
+        _get(per, "bare-lg-1p", "pairs_per_s"), _get(per, "trl-1p", "pairs_per_s"))
+    return out
+
+
+def _check(value: float | None, target: float, *, at_most: bool = False) -> dict[str, Any]:
+    met = None if value is None else (value <= target if at_most else value >= target)
+    return {"measured": value, "target": f"{'<=' if at_most else '>='} {target}", "met": met}
+
+
+def _targets(per: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    ratios = _ratios(per, results)
+    out = {
+        "rm_scale >= 2.5x TRL pairs/s (1 process)": _check(
+            ratios["rm_scale-lg/trl pairs/s (1p)"], TARGETS["speedup_vs_trl"]),
+        "rm_scale >= 2.5x TRL pairs/s (2-rank ZeRO-3)": _check(
+            ratios["rm_scale-lg/trl pairs/s (z3x2)"], TARGETS["speedup_vs_trl"]),
+        "padding efficiency >= 0.95 (rm_scale best batching)": _check(
+            _get(per, "rm_scale-lg-1p", "padding_efficiency"), TARGETS["padding_efficiency"]),
+        "rm_scale step time <= 1.05x bare loop (identical batches)": _check(
+            ratios["rm_scale-lg-1p/bare-lg-1p step time (mean)"], TARGETS["overhead_vs_bare"], at_most=True),
+    }
+    pipeline = results.get("pipeline") or {}
+    variants = {(v["batching"], v["block_size"], v["workers"]): v for v in pipeline.get("variants", [])}
+    lg = variants.get(("length_grouped", results["settings"]["block_size"], 0))
+    consumption = _get(per, "rm_scale-lg-1p", "pairs_per_s")
+    out["data pipeline >= 10x trainer consumption"] = _check(
+        _div(lg["pairs_per_s"], consumption) if lg else None, TARGETS["pipeline_vs_trainer"])
+    memory = results.get("zero3_memory") or {}
+    if "ws1" in memory and "ws2" in memory:
+        one = memory["ws1"]["per_rank"][0]["total_state_bytes"]
+        two = max(r["total_state_bytes"] for r in memory["ws2"]["per_rank"])
+        out["ZeRO-3 state per rank, 2 ranks <= 0.55x 1 rank"] = _check(two / one, TARGETS["zero3_memory_2_vs_1"],
+                                                                        at_most=True)
+    return out
+
+
+# ---- output --------------------------------------------------------------------------------------------------------
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    per = results["summary"]["contenders"]
+    for name, c in results["contenders"].items():
+        s = per.get(name)
+        if s is None:
+            rows.append([name, "failed"] + [""] * (len(HEADER) - 2))
+            continue
+        g = s.get("zero3_gathers_per_step")
+        rows.append([
+            name,
+            f"{s['pairs_per_s']:.2f} [{s['pairs_per_s_min']:.2f}–{s['pairs_per_s_max']:.2f}]",
+            f"{s['tokens_per_s']:.0f}",
+            f"{s['padding_efficiency']:.3f}",
+            f"{s['step_time_median_s']:.3f} ({s['step_time_p10_s']:.3f}–{s['step_time_p90_s']:.3f})",
+            f"{s['cpu_s_per_step_mean']:.3f}",
+            f"{s['rank_balance']:.3f}",
+            f"{s['peak_rss_gb_per_rank']:.2f}",
+            f"{g['calls']:.0f} / {g['model_equivalents']:.2f}" if g else "—",
+            _other(g),
+            " ".join(f"{x:.1f}" for x in s["load_avg_1min"]),
+        ])
+    return rows
+
+
+def _other(g: dict[str, Any] | None) -> str:
+    if not g or not g["other_collectives"]:
+        return "—"
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(g["other_collectives"].items()))
+
+
+HEADER = ["contender", "pairs/s median [min–max]", "real tok/s", "padding eff.", "step s median (p10–p90)",
+          "CPU s/step (mean)", "rank balance",
+          "peak RSS/rank GB", "ZeRO-3 all-gathers/step (calls / model-equiv.)", "other collectives/step",
+          "load avg (1 min) at start"]
+
+
+def text_table(results: dict[str, Any]) -> str:
+    rows = [HEADER] + _rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for name, t in results["summary"]["targets"].items():
+        lines.append(f"target: {name}: measured {_f(t['measured'], 3)} ({t['target']}) -> "
+                     f"{'MET' if t['met'] else 'MISSED' if t['met'] is not None else 'n/a'}")
+    for err in results["errors"]:
+        lines.append(f"ERROR: {err[:400]}")
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s, m, env = results["settings"], results["model"], results["environment"]
+    summary = results["summary"]
+    lines = [
+        f"# rm_scale benchmark ({s['mode']}: {s['steps']} steps, measured from step {s['warmup']}, "
+        f"{s['repeats']} repeat(s))",
+        "",
+        f"{env['date']}; {env['cpu_count']} CPU cores, 1 thread per rank, no GPU; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
+        f"Model: Llama hidden {m['hidden']}, {m['layers']} layers, {m['params'] / 1e6:.2f}M parameters "
+        f"(embedding {m['embedding_params'] / 1e6:.2f}M: SmolLM2's {m['tokenizer_vocab']} ids folded into "
+        f"{m['vocab']} rows); max_length {s['max_length']}, {s['pairs_per_device']} pairs per device, "
+        f"AdamW lr {s['lr']}, clip 1.0, fp32. 2-rank runs: accelerate launch + ZeRO-3 (gloo).",
+        "",
+        "## Contenders",
+        "",
+        *_md_table(HEADER, _rows(results)),
+        "",
+        "## Ratios",
+        "",
+        *_md_table(["ratio", "value"], [[k, _f(v, 3)] for k, v in summary["ratios"].items()]),
+        "",
+        "## Targets",
+        "",
+        *_md_table(["target", "measured", "bound", "met"],
+                   [[k, _f(t["measured"], 3), t["target"], _f(t["met"])] for k, t in summary["targets"].items()]),
+    ]
+    pipeline = results.get("pipeline") or {}
+    if pipeline.get("variants"):
+        lines += ["", "## Data pipeline alone (PairStream: read, tokenise, batch, collate; no model)", ""]
+        lines += _md_table(
+            ["batching", "block", "DataLoader workers", "pairs", "pairs/s", "padding eff.", "pairs/batch"],
+            [[v["batching"] + (f" ({v['token_budget']})" if v.get("token_budget") else ""), str(v["block_size"]),
+              str(v["workers"]), str(v["pairs"]), f"{v['pairs_per_s']:.0f}", f"{v['padding_efficiency']:.3f}",
+              f"{v['mean_pairs_per_batch']:.2f}"] for v in pipeline["variants"]])
+    memory = results.get("zero3_memory") or {}
+    if "ws1" in memory and "ws2" in memory:
+        mm = memory["model"]
+        lines += ["", f"## ZeRO-3 model + optimizer state per rank ({mm['params'] / 1e6:.1f}M-parameter Llama, "
+                  f"hidden {mm['hidden']}, {mm['layers']} layers)", ""]
+        keys = ["param_partition_bytes", "fp32_master_bytes", "optimizer_state_bytes", "grad_partition_bytes",
+                "total_state_bytes"]
+        rows = []
+        for ws in ("ws1", "ws2"):
+            for rec in memory[ws]["per_rank"]:
+                rows.append([ws, str(rec["rank"])] + [f"{rec[k] / 2**20:.1f}" for k in keys]
+                            + [f"{rec['rss_after_train_gb'] - rec['rss_before_model_gb']:.2f}",
+                               f"{rec['peak_rss_gb']:.2f}"])
+        lines += _md_table(["world size", "rank"] + [k.replace("_bytes", " MiB") for k in keys]
+                           + ["RSS delta GB", "peak RSS GB"], rows)
+    if results["errors"]:
+        lines += ["", "## Errors", ""] + [f"- `{e[:300]}`" for e in results["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = results["summary"]["contenders"]
+    names = [n for n in results["contenders"] if n in per]
+    colors = ["tab:gray" if n.startswith("trl") else "tab:blue" if n.startswith("rm_scale") else "tab:green"
+              for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rate = [per[n]["pairs_per_s"] for n in names]
+    err = [[r - per[n]["pairs_per_s_min"] for r, n in zip(rate, names)],
+           [per[n]["pairs_per_s_max"] - r for r, n in zip(rate, names)]]
+    axes[0].bar(names, rate, yerr=err, color=colors, capsize=3)
+    axes[0].set_ylabel("pairs / s (median, min–max over repeats)")
+    eff = [per[n]["padding_efficiency"] for n in names]
+    axes[1].bar(names, eff, color=colors)
+    axes[1].axhline(TARGETS["padding_efficiency"], color="k", ls="--", lw=1)
+    axes[1].set_ylim(0, 1)
+    axes[1].set_ylabel("padding efficiency (real / computed tokens)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.suptitle(f"rm_scale vs TRL vs bare loop ({results['settings']['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "results.png")

@@ -1,0 +1,397 @@
+"""One benchmark contender in its own process — under `accelerate launch`, one rank of it.
+
+    python -m rm_scale.bench.worker SPEC.json
+
+SPEC.json is a list of contender specs (normally one; `--smoke` runs several in one process to save start-ups). Each
+rank writes ``<out_dir>/<name>.rank<k>.json``: per-step end times, pairs, real and computed (padded) tokens, its peak
+memory, and — in multi-rank runs — the ZeRO-3 parameter all-gathers it issued. `rm_scale.bench.report` aggregates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    specs = json.loads(Path(argv[0]).read_text())
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    counter = GatherCounter() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if counter is not None:
+        counter.install()
+    for spec in specs:
+        run = {"trl": run_trl, "rm_scale": run_rm_scale, "bare": run_bare, "zero3_memory": run_zero3_memory,
+               "pipeline": run_pipeline}[spec["kind"]]
+        if counter is not None:
+            counter.reset()
+        record = run(spec, counter)
+        rank = int(os.environ.get("RANK", "0"))
+        record.update(name=spec["name"], kind=spec["kind"], rank=rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                      peak_rss_gb=peak_rss_gb())
+        out = Path(spec["out_dir"]) / f"{spec['name']}.rank{rank}.json"
+        out.write_text(json.dumps(record))
+    return 0
+
+
+# ---- measurement helpers -------------------------------------------------------------------------------------------
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class GatherCounter:
+    """Counts the ZeRO-3 parameter all-gathers (calls and bytes) this rank issues, by wrapping the two DeepSpeed comm
+    functions that stage 3 fetches parameters with (`allgather_fn` via `_dist_allgather_fn`, and
+    `all_gather_into_tensor`). Other collectives (metric gathers) are counted at the torch.distributed level."""
+
+    DS_NAMES = ("allgather_fn", "all_gather_into_tensor")
+    TORCH_NAMES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "broadcast",
+                   "reduce_scatter_tensor", "reduce_scatter")
+
+    def __init__(self) -> None:
+        self.reset()
+        self._depth = 0  # DeepSpeed's wrappers call torch's: count each call once, at the outermost level
+
+    def reset(self) -> None:
+        self.ds_calls, self.ds_bytes = 0, 0
+        self.torch_calls: dict[str, int] = {}
+
+    def install(self) -> None:
+        import deepspeed.comm as ds_comm
+        import torch.distributed as tdist
+
+        for name in self.DS_NAMES:
+            setattr(ds_comm, name, self._wrap_ds(getattr(ds_comm, name)))
+        for name in self.TORCH_NAMES:
+            if hasattr(tdist, name):
+                setattr(tdist, name, self._wrap_torch(name, getattr(tdist, name)))
+
+    def _wrap_ds(self, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:  # allgather_fn calls all_gather_into_tensor: one gather, counted once
+                out = args[0] if args else kwargs["output_tensor"]
+                self.ds_calls += 1
+                self.ds_bytes += out.numel() * out.element_size()
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return wrapped
+
+    def _wrap_torch(self, name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:
+                self.torch_calls[name] = self.torch_calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"ds_allgather_calls": self.ds_calls, "ds_allgather_bytes": self.ds_bytes,
+                "other_collectives": dict(self.torch_calls)}
+
+
+class StepLog:
+    """Per optimizer step: end time, pairs, real and computed tokens (summed over the step's micro-batches), and the
+    all-gather counters at the step's end."""
+
+    def __init__(self, counter: GatherCounter | None) -> None:
+        self.counter = counter
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.ends: list[float] = []
+        self.cpu: list[float] = []  # process CPU seconds at each step end: robust to other load on the machine
+        self.pairs: list[int] = []
+        self.real: list[int] = []
+        self.computed: list[int] = []
+        self.gathers: list[dict[str, Any]] = []
+        self._pending = [0, 0, 0]
+
+    def batch(self, *, pairs: int, real: int, computed: int) -> None:
+        self._pending[0] += pairs
+        self._pending[1] += real
+        self._pending[2] += computed
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.pairs.append(self._pending[0])
+        self.real.append(self._pending[1])
+        self.computed.append(self._pending[2])
+        self._pending = [0, 0, 0]
+        if self.counter is not None:
+            self.gathers.append(self.counter.snapshot())
+
+    def record(self) -> dict[str, Any]:
+        return {"start": self.start, "cpu_start": self.cpu_start, "step_ends": self.ends, "step_cpu": self.cpu, "pairs": self.pairs, "real_tokens": self.real,
+                "computed_tokens": self.computed, "gathers": self.gathers}
+
+
+def _step_callback(log: StepLog) -> Any:
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        # on_step_end fires after the optimizer step; differences of consecutive ends include data loading, logging
+        # and everything else the trainer does between steps.
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            log.step_end()
+
+    return StepClock()
+
+
+def _common_args(spec: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments shared by TRL and rm_scale: the same optimizer, schedule, clipping, precision and logging."""
+    args = {
+        "output_dir": str(Path(spec["out_dir"]) / f"{spec['name']}.run"),
+        "per_device_train_batch_size": spec["pairs_per_device"],
+        "gradient_accumulation_steps": 1,
+        "max_steps": spec["steps"],
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "constant",
+        "optim": "adamw_torch",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_length": spec["max_length"],
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": spec["seed"],
+        "bf16": False,  # fp32 everywhere (TRL's default would be bf16)
+        "gradient_checkpointing": False,  # TRL's default would be True; rm_scale's and transformers' is False
+        "disable_dropout": True,
+        "dataloader_pin_memory": False,
+    }
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args["ddp_backend"] = "gloo"  # PLATFORM.md item 1/8: Accelerate picks no backend without a GPU
+    return args
+
+
+# ---- contenders ----------------------------------------------------------------------------------------------------
+
+def run_trl(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    log = StepLog(counter)
+
+    class TimedRewardTrainer(RewardTrainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+            mask = inputs["attention_mask"]
+            log.batch(pairs=mask.shape[0] // 2, real=int(mask.sum()), computed=mask.numel())
+            return super().compute_loss(model, inputs, *a, **k)
+
+    args = RewardConfig(**_common_args(spec))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    rows = _read_pairs(spec["data"])
+    model = _load(spec)  # as TRL would from the path (after the config: partitioned under ZeRO-3), plus the fold
+    trainer = TimedRewardTrainer(model=model, args=args, processing_class=tokenizer,
+                                 train_dataset=Dataset.from_list(rows), callbacks=[_step_callback(log)])
+    log.start, log.cpu_start = time.perf_counter(), time.process_time()
+    trainer.train()
+    return {**log.record(), "train_pairs": len(trainer.train_dataset)}
+
+
+def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from rm_scale.config import RewardConfig
+    from rm_scale.model import load_reward_model
+    from rm_scale.stream import PairFiles
+    from rm_scale.bench.model import fold_vocab
+    from rm_scale.trainer import RewardTrainer
+
+    log = StepLog(counter)
+
+    class TimedRewardTrainer(RewardTrainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+            if not inputs.get("_pad", False):
+                c, r = inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]
+                log.batch(pairs=c.shape[0], real=int(c.sum() + r.sum()), computed=c.numel() + r.numel())
+            return super().compute_loss(model, inputs, *a, **k)
+
+    args = RewardConfig(**_common_args(spec), batching=spec["batching"], token_budget=spec.get("token_budget"),
+                        stream_block_size=spec["block_size"], save_on_signal=False)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = load_reward_model(spec["model_dir"])  # after RewardConfig: loads partitioned under ZeRO-3
+    fold_vocab(model, spec["vocab"])
+    trainer = TimedRewardTrainer(model=model, args=args, processing_class=tokenizer,
+                                 train_dataset=PairFiles([spec["data"]]), callbacks=[_step_callback(log)])
+    log.start, log.cpu_start = time.perf_counter(), time.process_time()
+    trainer.train()
+    return log.record()
+
+
+def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
+    """The micro-batches rm_scale's stream yields for this spec (same files, seed, block size, batching), in order."""
+    import itertools
+
+    from rm_scale.stream import PairStream, StreamConfig
+
+    config = StreamConfig(sources=[spec["data"]], pairs_per_batch=spec["pairs_per_device"],
+                          max_length=spec["max_length"], batching=spec["batching"],
+                          token_budget=spec.get("token_budget"), block_size=spec["block_size"], seed=spec["seed"])
+    return list(itertools.islice(PairStream(config, tokenizer, rank=0, world_size=1), spec["steps"]))
+
+
+def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
+    """The framework-overhead limit: one concatenated forward, BT loss, backward, clip, AdamW — nothing else."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    batches = bare_batches(spec, tokenizer)  # materialised first: no data cost inside the timed loop
+    torch.manual_seed(spec["seed"])
+    model = _load(spec)  # HF pools at the last id != pad_token_id: right padding, pad never inside the text
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    log = StepLog(counter)
+    for batch in batches:
+        n = batch["input_ids_chosen"].shape[0]
+        ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
+        mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
+        log.batch(pairs=n, real=int(mask.sum()), computed=mask.numel())
+        rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
+        loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.step_end()
+    return log.record()
+
+
+def run_zero3_memory(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
+    """Bytes of model and optimizer state this rank holds under ZeRO-3 after a few optimizer steps, counted from the
+    DeepSpeed engine (parameter partitions, fp32 master partitions, optimizer moments, gradient partitions), and the
+    resident memory before the model was loaded and after training."""
+    rss_before = current_rss_gb()
+    holder: dict[str, Any] = {}
+    result: dict[str, Any] = {}
+    from transformers import TrainerCallback
+
+    class Inspect(TrainerCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            result.update(zero3_state_bytes(holder["trainer"].model_wrapped))
+
+    spec = {**spec, "batching": "fixed", "block_size": 64}
+    from transformers import AutoTokenizer
+
+    from rm_scale.bench.model import fold_vocab
+    from rm_scale.config import RewardConfig
+    from rm_scale.model import load_reward_model
+    from rm_scale.stream import PairFiles
+    from rm_scale.trainer import RewardTrainer
+
+    args = RewardConfig(**_common_args(spec), truncation="keep_end", stream_block_size=64, save_on_signal=False)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = load_reward_model(spec["model_dir"])
+    fold_vocab(model, spec["vocab"])
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=PairFiles([spec["data"]]),
+                            callbacks=[Inspect()])
+    holder["trainer"] = trainer
+    trainer.train()
+    return {**result, "rss_before_model_gb": rss_before, "rss_after_train_gb": current_rss_gb(),
+            "model_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
+
+
+def run_pipeline(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
+    """rm_scale's data pipeline alone (read, tokenise, batch, collate; no model): one pass per batching, in the process
+    and through a DataLoader with one background worker; pairs/s and padding efficiency (real / computed tokens)."""
+    import itertools
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from rm_scale.stream import PairStream, StreamConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    results = []
+    for variant in spec["variants"]:
+        config = StreamConfig(sources=[spec["data"]], pairs_per_batch=spec["pairs_per_device"],
+                              max_length=spec["max_length"], batching=variant["batching"],
+                              token_budget=variant.get("token_budget"), block_size=variant["block_size"],
+                              seed=spec["seed"])
+        stream = PairStream(config, tokenizer, rank=0, world_size=1)
+        source: Any = stream
+        if variant["workers"]:
+            source = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=variant["workers"])
+        pairs = real = computed = batches = 0
+        start = time.perf_counter()
+        for batch in itertools.islice(source, spec.get("max_batches")):
+            c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
+            pairs += c.shape[0]
+            real += int(c.sum() + r.sum())
+            computed += c.numel() + r.numel()
+            batches += 1
+        seconds = time.perf_counter() - start
+        results.append({**variant, "pairs": pairs, "batches": batches, "seconds": seconds,
+                        "pairs_per_s": pairs / seconds, "padding_efficiency": real / max(computed, 1),
+                        "mean_pairs_per_batch": pairs / max(batches, 1)})
+    return {"variants": results}
+
+
+def zero3_state_bytes(engine: Any) -> dict[str, int]:
+    """What this rank holds of the model and optimizer state, by category (bytes)."""
+    import torch
+
+    def nbytes(tensors: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    module = engine.module
+    params = list(module.parameters())
+    out = {
+        # the rank's shard of each (fp32) parameter; params stay partitioned outside forward/backward
+        "param_partition_bytes": nbytes(p.ds_tensor for p in params if hasattr(p, "ds_tensor")),
+        # parameters gathered whole at this moment (persistent small params, or not released)
+        "param_full_bytes": nbytes(p.data for p in params),
+    }
+    zero_opt = engine.optimizer
+    out["fp32_master_bytes"] = nbytes(getattr(zero_opt, "fp32_partitioned_groups_flat", []))
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    out["optimizer_state_bytes"] = nbytes(v for state in inner.state.values() for v in state.values())
+    grads = getattr(zero_opt, "grad_partitions_flat_buffer", None)
+    out["grad_partition_bytes"] = nbytes([grads]) if grads is not None else 0
+    out["total_state_bytes"] = (out["param_partition_bytes"] + out["fp32_master_bytes"] + out["optimizer_state_bytes"]
+                                + out["grad_partition_bytes"])
+    return out
+
+
+def _load(spec: dict[str, Any]) -> Any:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rm_scale.bench.model import fold_vocab
+
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
+    fold_vocab(model, spec["vocab"])
+    return model
+
+
+def _read_pairs(path: str) -> list[dict[str, str]]:
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in map(json.loads, f)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
