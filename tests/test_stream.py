@@ -244,3 +244,11 @@ def test_hub_sources_stream_through_datasets(tmp_path, tok):
     assert sorted(_ids(list(stream), tok)) == list(range(5))
     with pytest.raises(ValueError, match="cannot open the hub data set"):
         list(_stream(["hub:rm-scale-no-such/dataset"], tok))
+
+
+def test_save_to_disk_folders_are_sources(tmp_path, tok):
+    from datasets import Dataset
+
+    rows = [{"prompt": f"User: {i}", "chosen": " Sure", "rejected": " no"} for i in range(6)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert sorted(_ids(list(_stream([str(tmp_path / "saved")], tok)), tok)) == list(range(6))
