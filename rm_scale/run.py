@@ -142,19 +142,17 @@ def _data(data: dict[str, Any], args: Any, tokenizer: Any) -> tuple[Any, Any, di
     import dataclasses
 
     from rm_scale.sources import parse_sources
-    from rm_scale.stream import PairFiles, StreamConfig, materialize_pairs
+    from rm_scale.stream import PairFiles, materialize_pairs, stream_config
 
     sources = parse_sources(data["train"])
     streaming = data.get("streaming", "auto")
     if streaming == "auto":
         streaming = args.max_steps > 0  # a stream has no length: the run must be measured in steps
-    common = dict(pairs_per_batch=args.per_device_train_batch_size, max_length=args.max_length, seed=args.seed,
-                  strict=args.strict_data, eval_fraction=args.eval_fraction, truncation=args.truncation)
     report: dict[str, Any] = {}
     if streaming:
         train = PairFiles(sources)
     else:
-        train, stats = materialize_pairs(StreamConfig(sources=sources, split="train", **common), tokenizer)
+        train, stats = materialize_pairs(stream_config(sources, args, split="train"), tokenizer)
         report["train"] = dataclasses.asdict(stats)
     spec = data.get("eval")
     if spec is None:
@@ -162,9 +160,9 @@ def _data(data: dict[str, Any], args: Any, tokenizer: Any) -> tuple[Any, Any, di
     if spec == "split":
         if not args.eval_fraction:
             raise ValueError("data.eval: split needs train.eval_fraction > 0 (the share of prompts held out).")
-        config = StreamConfig(sources=sources, split="eval", **common)
+        config = stream_config(sources, args, split="eval")
     else:
-        config = StreamConfig(sources=parse_sources(spec), split="train", **{**common, "eval_fraction": 0.0})
+        config = stream_config(parse_sources(spec), args, split="train", eval_fraction=0.0)
     evaluation, stats = materialize_pairs(config, tokenizer)
     report["eval"] = dataclasses.asdict(stats)
     return train, evaluation, report

@@ -75,6 +75,24 @@ class StreamConfig:
             raise ValueError("Need 1 <= pairs_per_batch <= block_size.")
 
 
+def stream_config(sources: Sequence[Any], args: Any, **overrides: Any) -> StreamConfig:
+    """The StreamConfig that a `RewardConfig` describes (one place maps the run config to the data pipeline)."""
+    fields = dict(
+        sources=sources,
+        pairs_per_batch=args.per_device_train_batch_size,
+        max_length=args.max_length,
+        batching=args.batching,
+        token_budget=args.token_budget,
+        block_size=args.stream_block_size,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+        strict=args.strict_data,
+        truncation=args.truncation,
+    )
+    fields.update(overrides)
+    return StreamConfig(**fields)
+
+
 @dataclass
 class StreamStats:
     """Counts of this rank's pass so far (reported with the run)."""

@@ -41,7 +41,7 @@ from rm_scale.preemption import (
     exit_on_signal_from_now_on,
     slurm_requeue,
 )
-from rm_scale.stream import PairFiles, PairStream, StreamConfig, padding_batch
+from rm_scale.stream import PairFiles, PairStream, padding_batch, stream_config
 
 logger = logging.getLogger(__name__)
 
@@ -128,18 +128,7 @@ class RewardTrainer(Trainer):
         if isinstance(train_dataset, PairFiles):
             # Each rank streams its own shard; transformers/accelerate must neither shard nor skip batches again.
             self._stream = PairStream(
-                StreamConfig(
-                    sources=train_dataset.files,
-                    pairs_per_batch=args.per_device_train_batch_size,
-                    max_length=args.max_length,
-                    batching=args.batching,
-                    token_budget=args.token_budget,
-                    block_size=args.stream_block_size,
-                    seed=args.seed,
-                    eval_fraction=args.eval_fraction,
-                    strict=args.strict_data,
-                    truncation=args.truncation,
-                ),
+                stream_config(train_dataset.files, args),
                 processing_class,
                 rank=args.process_index,
                 world_size=args.world_size,
