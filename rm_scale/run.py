@@ -152,6 +152,7 @@ def _data(data: dict[str, Any], args: Any, tokenizer: Any) -> tuple[Any, Any, di
     if streaming:
         train = PairFiles(sources)
     else:
+        _check_fits_in_memory(sources)
         train, stats = materialize_pairs(stream_config(sources, args, split="train"), tokenizer)
         report["train"] = dataclasses.asdict(stats)
     spec = data.get("eval")
@@ -166,3 +167,18 @@ def _data(data: dict[str, Any], args: Any, tokenizer: Any) -> tuple[Any, Any, di
     evaluation, stats = materialize_pairs(config, tokenizer)
     report["eval"] = dataclasses.asdict(stats)
     return train, evaluation, report
+
+
+MAP_STYLE_LIMIT = 2 * 2**30  # bytes of input files; larger inputs must stream
+
+
+def _check_fits_in_memory(sources: list[Any]) -> None:
+    """Without streaming every pair is tokenised into memory first: refuse inputs too large for that."""
+    from rm_scale.sources import resolve_files
+
+    total = sum(os.path.getsize(f) for s in sources for f in resolve_files(s.paths) if os.path.isfile(f))
+    if total > MAP_STYLE_LIMIT:
+        raise ValueError(
+            f"The training files hold {total / 2**30:.1f} GiB: too large to tokenise into memory. Stream them: set "
+            "train.max_steps (a stream has no length) and leave data.streaming at auto (or true)."
+        )
