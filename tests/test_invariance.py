@@ -39,9 +39,22 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
             assert abs(got[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-4 * max(1.0, ref[step]["grad_norm"])
 
 
-def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path):
-    """Token-budget batches give the ranks micro-batches of different sizes (and GAS 4): the step's loss and gradient
-    still equal one process computing the same pairs in one batch."""
+def _sequences(batch, side):
+    """The unpadded token ids of one side of every pair of a padded or a packed micro-batch."""
+    if "packed_input_ids" in batch:
+        out = []
+        for row, col in batch[f"{side}_index"].tolist():
+            length = int(batch["packed_position_ids"][row, col]) + 1
+            out.append(batch["packed_input_ids"][row, col - length + 1 : col + 1].tolist())
+        return out
+    masks = batch[f"attention_mask_{side}"].bool()
+    return [ids[mask].tolist() for ids, mask in zip(batch[f"input_ids_{side}"], masks)]
+
+
+@pytest.mark.parametrize("batching", ["token_budget", "packed"])
+def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching):
+    """Token-budget (or packed) batches give the ranks micro-batches of different sizes (and GAS 4): the step's loss
+    and gradient still equal one process computing the same pairs in one padded batch."""
     import json
 
     from transformers import AutoTokenizer
@@ -49,7 +62,7 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path):
     from rm_scale.stream import PairStream, StreamConfig
 
     model_dir = make_tiny_model_dir(tmp_path / "tiny")
-    stream_cfg = dict(sources=["rm_scale:demo/train"], pairs_per_batch=8, batching="token_budget", token_budget=250,
+    stream_cfg = dict(sources=["rm_scale:demo/train"], pairs_per_batch=8, batching=batching, token_budget=250,
                       block_size=64, seed=3, max_length=1024)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -57,7 +70,7 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path):
         "data": {"train": ["rm_scale:demo/train"], "streaming": True},
         "train": {"output_dir": str(tmp_path / "unused"), "max_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
                   "save_strategy": "no", "report_to": [], "seed": 3, "per_device_train_batch_size": 8,
-                  "gradient_accumulation_steps": 4, "batching": "token_budget", "token_budget": 250,
+                  "gradient_accumulation_steps": 4, "batching": batching, "token_budget": 250,
                   "stream_block_size": 64, "center_rewards_coefficient": 0.1, "batch_mean_coefficient": 0.5},
     }))
     launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
@@ -72,14 +85,11 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path):
         batches = iter(PairStream(StreamConfig(**stream_cfg), tok, rank=rank, world_size=2))
         for _ in range(4):  # GAS 4
             batch = next(batches)
-            sizes.append(batch["input_ids_chosen"].shape[0])
-            for i in range(sizes[-1]):
-                row = {}
-                for side in ("chosen", "rejected"):
-                    mask = batch[f"attention_mask_{side}"][i].bool()
-                    row[f"input_ids_{side}"] = batch[f"input_ids_{side}"][i][mask].tolist()
-                    row[f"attention_mask_{side}"] = [1] * int(mask.sum())
-                rows.append(row)
+            chosen, rejected = _sequences(batch, "chosen"), _sequences(batch, "rejected")
+            sizes.append(len(chosen))
+            for c, r in zip(chosen, rejected):
+                rows.append({"input_ids_chosen": c, "attention_mask_chosen": [1] * len(c),
+                             "input_ids_rejected": r, "attention_mask_rejected": [1] * len(r)})
     assert len(set(sizes)) > 1, sizes  # the micro-batches really are uneven
     union = tmp_path / "union.jsonl"
     union.write_text("".join(json.dumps(r) + "\n" for r in rows))
