@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="override the mode's repeats")
     parser.add_argument("--only", help="comma-separated contender names (default: all)")
     parser.add_argument("--no-extras", action="store_true", help="skip the pipeline and ZeRO-3 memory measurements")
+    parser.add_argument("--report-from", help="re-render the report of an earlier results.json; runs nothing")
     args = parser.parse_args(argv)
+    if args.report_from:
+        return rerender(Path(args.report_from), Path(args.out))
 
     data = Path(args.data)
     if not data.is_file():
@@ -117,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table(results))
     print(f"rm_scale.bench: wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return 1 if results["errors"] else 0
+
+
+def rerender(path: Path, out: Path) -> int:
+    from rm_scale.bench import report
+
+    results = json.loads(path.read_text())
+    results["summary"] = report.summarize(results)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write(results, out)
+    print(report.text_table(results))
+    return 0
 
 
 def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path, work: Path,

@@ -163,9 +163,13 @@ def _targets(per: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
             ratios["rm_scale-lg/trl pairs/s (z3x2)"], TARGETS["speedup_vs_trl"]),
         "padding efficiency >= 0.95 (rm_scale best batching)": _check(
             _get(per, "rm_scale-lg-1p", "padding_efficiency"), TARGETS["padding_efficiency"]),
-        "rm_scale step time <= 1.05x bare loop (identical batches)": _check(
-            ratios["rm_scale-lg-1p/bare-lg-1p step time (mean)"], TARGETS["overhead_vs_bare"], at_most=True),
     }
+    # Identical batches in every repeat: the per-step minimum over repeats is the cost without the other processes of
+    # a shared machine (timeit's rule); with one repeat only the mean is there.
+    robust = results["settings"]["repeats"] > 1
+    key = "step time (per-step min over repeats, summed)" if robust else "step time (mean)"
+    out[f"rm_scale step time <= 1.05x bare loop (identical batches, {key})"] = _check(
+        ratios[f"rm_scale-lg-1p/bare-lg-1p {key}"], TARGETS["overhead_vs_bare"], at_most=True)
     pipeline = results.get("pipeline") or {}
     variants = {(v["batching"], v["block_size"], v["workers"]): v for v in pipeline.get("variants", [])}
     lg = variants.get(("length_grouped", results["settings"]["block_size"], 0))
@@ -221,7 +225,7 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
 def _other(g: dict[str, Any] | None) -> str:
     if not g or not g["other_collectives"]:
         return "—"
-    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(g["other_collectives"].items()))
+    return ", ".join(f"{k} {v:.2g}" for k, v in sorted(g["other_collectives"].items()))
 
 
 HEADER = ["contender", "pairs/s median [min–max]", "real tok/s", "padding eff.", "step s median (p10–p90)",
