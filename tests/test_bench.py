@@ -46,7 +46,9 @@ def test_smoke_run_writes_every_contender(tmp_path: Path) -> None:
     # the bare loop trains on exactly rm_scale's batches: the overhead comparison is like for like
     assert ratios["rm_scale-lg-1p vs bare-lg-1p: identical batches"] is True
     assert ratios["rm_scale-fixed-1p vs bare-fixed-1p: identical batches"] is True
+    assert ratios["rm_scale-packed-1p vs bare-packed-1p: identical batches"] is True
     assert per["rm_scale-lg-1p"]["padding_efficiency"] > per["rm_scale-fixed-1p"]["padding_efficiency"]
+    assert per["rm_scale-packed-1p"]["padding_efficiency"] > per["rm_scale-fixed-1p"]["padding_efficiency"]
     assert {v["workers"] for v in results["pipeline"]["variants"]} == {0, 1}
     md = (tmp_path / "results.md").read_text()
     for c in CONTENDERS:

@@ -37,7 +37,10 @@ CONTENDERS = (
     Contender("rm_scale-lg-1p", "rm_scale", 1, "length_grouped"),
     Contender("rm_scale-fixed-z3x2", "rm_scale", 2, "fixed"),
     Contender("rm_scale-lg-z3x2", "rm_scale", 2, "length_grouped"),
+    Contender("rm_scale-packed-1p", "rm_scale", 1, "packed"),
+    Contender("rm_scale-packed-z3x2", "rm_scale", 2, "packed"),
     Contender("bare-lg-1p", "bare", 1, "length_grouped"),  # rm_scale-lg-1p's exact batches, no framework
+    Contender("bare-packed-1p", "bare", 1, "packed"),  # rm_scale-packed-1p's exact batches
     Contender("bare-fixed-1p", "bare", 1, "fixed"),  # TRL-style batches (fixed, random order) = rm_scale-fixed-1p's
 )
 
@@ -57,6 +60,9 @@ class Settings:
     seed: int = 0
     block_size: int = 1024  # rm_scale's stream_block_size default
     token_budget: int = 4096  # for the pipeline's token_budget variant: 2 x 8 pairs x 256 tokens
+    # packed: real tokens per micro-batch; 2 x pairs x max_length never binds, so every micro-batch has 8 pairs (the
+    # same global batch as the other contenders)
+    packed_token_budget: int = 8192
     group: bool = False  # smoke: all 1-process contenders in one process, all 2-rank ones in one launch
     memory: bool = True  # ZeRO-3 memory at world size 1 vs 2 (two extra launches)
     pipeline_batches: int | None = None  # None: a whole pass over the data
@@ -159,6 +165,7 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
         groups = _groups(order, settings.group)
         for group in groups:
             specs = [{**base, "name": f"{c.name}.r{repeat}", "kind": c.kind, "batching": c.batching,
+                      "token_budget": settings.packed_token_budget if c.batching == "packed" else None,
                       "out_dir": str(work)} for c in group]
             run = _launch(specs, ranks=group[0].ranks, work=work, launch=launch, label=f"repeat {repeat}")
             for c, spec in zip(group, specs):
@@ -200,9 +207,11 @@ def _pipeline(settings: Settings, base: dict[str, Any], work: Path, launch: Path
         {"batching": "token_budget", "token_budget": settings.token_budget, "block_size": settings.block_size,
          "workers": 0},
         {"batching": "length_grouped", "block_size": 4096, "workers": 0},  # the whole file in one block
+        {"batching": "packed", "token_budget": settings.packed_token_budget, "block_size": settings.block_size,
+         "workers": 0},
     ]
     if settings.mode == "smoke":
-        variants = variants[:3]
+        variants = variants[:3] + variants[-1:]
     spec = {**base, "name": "pipeline", "kind": "pipeline", "out_dir": str(work), "variants": variants,
             "max_batches": settings.pipeline_batches}
     run = _launch([spec], ranks=1, work=work, launch=launch, label="pipeline")

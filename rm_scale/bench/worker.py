@@ -222,8 +222,7 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
     class TimedRewardTrainer(RewardTrainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
             if not inputs.get("_pad", False):
-                c, r = inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]
-                log.batch(pairs=c.shape[0], real=int(c.sum() + r.sum()), computed=c.numel() + r.numel())
+                log.batch(**batch_counts(inputs))
             return super().compute_loss(model, inputs, *a, **k)
 
     args = RewardConfig(**_common_args(spec), batching=spec["batching"], token_budget=spec.get("token_budget"),
@@ -236,6 +235,15 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
     log.start, log.cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     return log.record()
+
+
+def batch_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """Pairs, real tokens and computed tokens (the forward's input size) of a padded or a packed micro-batch."""
+    if "packed_input_ids" in batch:
+        return {"pairs": batch["chosen_index"].shape[0], "real": int(batch["packed_real_tokens"]),
+                "computed": batch["packed_input_ids"].numel()}
+    c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
+    return {"pairs": c.shape[0], "real": int(c.sum() + r.sum()), "computed": c.numel() + r.numel()}
 
 
 def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
@@ -264,11 +272,20 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
     log = StepLog(counter)
     for batch in batches:
-        n = batch["input_ids_chosen"].shape[0]
-        ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
-        mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
-        log.batch(pairs=n, real=int(mask.sum()), computed=mask.numel())
-        rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
+        counts = batch_counts(batch)
+        log.batch(**counts)
+        n = counts["pairs"]
+        if "packed_input_ids" in batch:
+            # padding-free: restarting position_ids and no attention mask make transformers attend within each
+            # sequence only; the score head is applied at each sequence's last token
+            hidden = model.model(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
+                                 use_cache=False).last_hidden_state
+            index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
+            rewards = model.score(hidden[index[:, 0], index[:, 1]])[:, 0]
+        else:
+            ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
+            mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
+            rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
         loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -336,10 +353,10 @@ def run_pipeline(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
         pairs = real = computed = batches = 0
         start = time.perf_counter()
         for batch in itertools.islice(source, spec.get("max_batches")):
-            c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
-            pairs += c.shape[0]
-            real += int(c.sum() + r.sum())
-            computed += c.numel() + r.numel()
+            counts = batch_counts(batch)
+            pairs += counts["pairs"]
+            real += counts["real"]
+            computed += counts["computed"]
             batches += 1
         seconds = time.perf_counter() - start
         results.append({**variant, "pairs": pairs, "batches": batches, "seconds": seconds,
