@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "train":
+        from rm_scale.preemption import restore_default_sigterm
         from rm_scale.recipe import load_recipe
+
+        restore_default_sigterm()
 
         recipe = load_recipe(args.config, rest)
         if args.dry_run:

@@ -13,7 +13,10 @@ time is COMPLETED, not requeued. After SIGUSR1 inside a Slurm job, rank 0 first 
 
 What reaches the ranks:
 - `accelerate launch` (torchrun's agent) forwards SIGTERM/SIGINT to its workers, then SIGKILLs them after 30 s
-  (hard-coded in torch): the checkpoint after SIGTERM must fit in that.
+  (`PET_SHUTDOWN_TIMEOUT`): the checkpoint after SIGTERM must fit in that. Under Slurm the ranks get SIGTERM from
+  Slurm itself, so slurm/train.sh starts the agent with SIGTERM ignored (`trap '' TERM`,
+  `PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT`) and the preemption GraceTime is the only limit;
+  `restore_default_sigterm` (called by `rm-scale train`) undoes the inherited "ignored" in the ranks.
 - SIGUSR1 is not handled by the agent: it kills it (default action) unless ignored. Send it to the workers, or start
   the launcher with SIGUSR1 ignored (`trap '' USR1` in bash before `exec accelerate launch ...`): the workers inherit
   the ignored disposition and this callback overrides it in the workers only. slurm/train.sh does that.
@@ -157,6 +160,14 @@ def exit_on_signal_from_now_on() -> None:
         return
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def restore_default_sigterm() -> None:
+    """SIGTERM ignored at start (inherited from a launcher started with `trap '' TERM`, as slurm/train.sh does so
+    that torchrun's agent does not SIGKILL the ranks 30 s into a checkpoint): give it back its default action, so a
+    rank that is still loading dies of SIGTERM as usual. While `train()` runs, `PreemptionCallback` handles it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def slurm_requeue() -> bool:

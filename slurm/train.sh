@@ -19,7 +19,7 @@
 ##SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --requeue
-#   Slurm may requeue the job (node failure, preemption); rank 0 also requeues it after a USR1 checkpoint (see below).
+#   Slurm may requeue the job (node failure); this script requeues it after a preemption, rank 0 after USR1 (see below).
 #SBATCH --signal=B:USR1@120
 #   USR1 to this batch shell ~120 s (Slurm: up to 60 s more) before the time limit: forwarded to the ranks, which
 #   finish their step, save a checkpoint, requeue the job and exit. Raise 120 when a step + a save take longer.
@@ -42,6 +42,7 @@ EXTRA_ARGS=${EXTRA_ARGS:-}                              # recipe overrides, e.g.
 RESUME=${RESUME:-auto}                                  # auto: resume from output_dir's latest complete checkpoint
                                                         #   (else start fresh); never: leave it to the recipe
 REQUEUE_ON_USR1=${REQUEUE_ON_USR1:-1}                   # 1: after the USR1 checkpoint, requeue this job
+REQUEUE_ON_PREEMPT=${REQUEUE_ON_PREEMPT:-1}             # 1: after a preemption (SIGTERM + GraceTime), requeue this job
 MAX_RESTARTS=${MAX_RESTARTS:-20}                        # stop requeueing after this many restarts
 
 die() { echo "rm_scale slurm: error: $*" >&2; exit 2; }
@@ -80,6 +81,13 @@ count_gpus() {
 if [ -z "$GPUS_PER_NODE" ]; then
     GPUS_PER_NODE=$(count_gpus)
     [ "${GPUS_PER_NODE:-0}" -ge 1 ] 2>/dev/null || GPUS_PER_NODE=1
+else
+    [ "$GPUS_PER_NODE" -ge 1 ] 2>/dev/null || die "GPUS_PER_NODE=$GPUS_PER_NODE: give a whole number >= 1"
+    GRANTED=$(count_gpus)
+    if [ "${GRANTED:-0}" -ge 1 ] && [ "$GPUS_PER_NODE" -gt "$GRANTED" ]; then
+        die "GPUS_PER_NODE=$GPUS_PER_NODE but this job has $GRANTED GPU(s) per node: ask for more" \
+            "(sbatch --gpus-per-node=$GPUS_PER_NODE) or lower GPUS_PER_NODE"
+    fi
 fi
 NNODES=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:?}}
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -148,12 +156,16 @@ echo "rm_scale slurm: per node (machine rank = that node's \$SLURM_NODEID):" \
 
 # ---- Time limit / preemption ------------------------------------------------------------------------------------------
 # USR1 (--signal=B:USR1@120, or `scancel --batch --signal=USR1`) reaches this shell only: forward it to srun, which
-# signals every process of the step on every node. The per-node launchers ignore it (`trap '' USR1` below: torchrun's
-# agent would die of it); the ranks finish the current optimizer step, agree (one all-reduce per step), save a complete
-# checkpoint, rank 0 requeues the job (scontrol requeue), and they exit 75. The restart resumes (RESUME=auto).
-# SIGTERM (preemption, time limit, scancel) goes to every process of the job from Slurm itself: the ranks save and
-# exit 75 without requeueing (Slurm requeues preempted jobs when the partition says so); this shell keeps waiting so
-# that the job lasts until they are done (or Slurm's KillWait / GraceTime ends it).
+# signals every process of the step on every node. The ranks finish the current optimizer step, agree (one all-reduce
+# per step), save a complete checkpoint, rank 0 requeues the job (scontrol requeue), and they exit 75. The restart
+# resumes (RESUME=auto).
+# Preemption (a partition with GraceTime): Slurm sends SIGTERM to every process of the job's steps -- not to this shell
+# nor to srun -- and SIGKILL GraceTime seconds later. The ranks save the same checkpoint and exit; the job would then
+# end FAILED (Slurm requeues a preempted job only when it is still running at the end of GraceTime), so this shell
+# requeues it when `scontrol show job` says it was preempted (PreemptTime set); a plain scancel is not requeued.
+# The per-node launchers (torchrun's agent) ignore USR1 and SIGTERM (trap '' below; PET_SIGNALS_TO_HANDLE leaves SIGTERM
+# out of torchrun's handlers): the agent would die of USR1, and on SIGTERM it would SIGKILL the ranks 30 s later, in
+# the middle of a checkpoint of a large model. rm_scale restores SIGTERM's default action in the ranks at start.
 # srun runs in the background so that the traps run at once (bash defers traps while a foreground child runs).
 # shellcheck disable=SC2329  # invoked by the traps
 on_usr1() {
@@ -163,6 +175,10 @@ on_usr1() {
 # shellcheck disable=SC2329
 on_term() {
     echo "rm_scale slurm: TERM at $(date '+%F %T'): the ranks checkpoint and stop"
+}
+# The time Slurm preempted this job, or nothing.
+preempted_at() {
+    scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^PreemptTime=//p' | grep -v '^None$' || true
 }
 trap on_usr1 USR1
 trap on_term TERM
@@ -179,7 +195,8 @@ SRUN=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-ba
 # shellcheck disable=SC2016  # single quotes on purpose: expanded by each task
 "${SRUN[@]}" bash -c '
     echo "rm_scale node $SLURMD_NODENAME machine_rank $SLURM_NODEID pid $$"
-    trap "" USR1  # the launcher (torchrun agent) ignores USR1; the ranks install their own handler
+    trap "" USR1 TERM  # the launcher (torchrun agent) ignores both; the ranks install their own handlers
+    export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # torchrun: no SIGTERM handler (it would SIGKILL the ranks)
     exec "$RM_SCALE_PYTHON" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"
 ' rm_scale_node "${LAUNCH[@]}" "${TRAIN[@]}" &
 SRUN_PID=$!
@@ -192,4 +209,14 @@ while true; do
     kill -0 "$SRUN_PID" 2>/dev/null || break
 done
 echo "rm_scale slurm: srun exited $rc"
+PREEMPTED_AT=$(preempted_at)
+if [ -n "$PREEMPTED_AT" ]; then
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_RESTARTS" ]; then
+        echo "rm_scale slurm: preempted at $PREEMPTED_AT; not requeueing: $MAX_RESTARTS restarts reached (MAX_RESTARTS)"
+    elif [ "$REQUEUE_ON_PREEMPT" = 1 ]; then
+        echo "rm_scale slurm: preempted at $PREEMPTED_AT; requeueing job $SLURM_JOB_ID" \
+             "(restart $((${SLURM_RESTART_COUNT:-0} + 1))): it resumes from the latest complete checkpoint"
+        scontrol requeue "$SLURM_JOB_ID" || echo "rm_scale slurm: scontrol requeue $SLURM_JOB_ID failed" >&2
+    fi
+fi
 exit "$rc"

@@ -192,6 +192,7 @@ class SlurmCluster:
         keep_dir: bool | None = None,
         install: bool = True,
         start_timeout: float = 30.0,
+        grace_time: int = 60,
     ):
         if not 1 <= num_nodes <= 200:
             raise ValueError("num_nodes must be in 1..200")
@@ -203,6 +204,7 @@ class SlurmCluster:
         self.cred_expire = cred_expire
         self.install = install
         self.start_timeout = start_timeout
+        self.grace_time = grace_time
         self.keep_dir = bool(os.environ.get("RM_SCALE_KEEP_SLURM_DIR")) if keep_dir is None else keep_dir
         self._base_arg = Path(base_dir) if base_dir else None
         self.nodes = [f"n{i}" for i in range(1, num_nodes + 1)]
@@ -572,7 +574,12 @@ SlurmctldTimeout=60
 SlurmdTimeout=60
 MessageTimeout=10
 NodeName={nodes} NodeAddr={nodes} NodeHostname={self.hostname} Port={ports} CPUs={self.cpus_per_node} State=UNKNOWN
-PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# Preemption as on shared clusters: a job in `urgent` preempts jobs of `debug` (the default partition), which get
+# SIGTERM, GraceTime seconds to wrap up, then SIGKILL, and are requeued.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime={self.grace_time}
+PartitionName=urgent Nodes={nodes} MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
 """
         self.conf_path.write_text(conf)
 

@@ -5,7 +5,9 @@ exactly as users submit it: from the repository root, settings through environme
 """
 
 import json
+import os
 import re
+import signal
 import sys
 import time
 
@@ -24,14 +26,14 @@ STEPS = 4
 BATCH = 2  # per device
 
 
-def _submit(cluster, tmp_path, recipe, ds, *, script_args=()):
-    log = tmp_path / "job.out"
+def _submit(cluster, tmp_path, recipe, ds, *, script_args=(), sbatch_args=(), log_name="job.out"):
+    log = tmp_path / log_name
     # No Slurm variables of a surrounding job (sbatch reads SBATCH_*; SLURM_CONF must stay the test cluster's).
     job_env = {k: v for k, v in env().items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     job_env.update(RECIPE=str(recipe), DS_CONFIG=str(ds), PYTHON=sys.executable, MASTER_PORT=str(free_port()))
     job_env.pop("GPUS_PER_NODE", None)  # exercise the detection: no GPU -> 1 worker per node
     # The script's defaults ask 16 CPUs a node; these emulated nodes have 2.
-    job = cluster.sbatch(ROOT / "slurm" / "train.sh", "--cpus-per-task=2", "-o", str(log),
+    job = cluster.sbatch(ROOT / "slurm" / "train.sh", "--cpus-per-task=2", *sbatch_args, "-o", str(log),
                          env=job_env, cwd=ROOT, script_args=script_args)
     return job, log
 
@@ -107,10 +109,27 @@ def test_missing_recipe_fails_fast_with_a_clear_message(slurm_cluster, tmp_path)
     assert "rm_scale node" not in text  # nothing was launched
 
 
-def test_usr1_checkpoints_requeues_and_the_restart_resumes_to_the_uninterrupted_model(slurm_cluster, tmp_path):
-    """Time limit near (USR1 to the batch shell) -> forwarded to the ranks -> checkpoint at the next step -> rank 0
-    requeues the job -> the restart resumes from that checkpoint (RESUME=auto) -> same model as without the signal."""
-    steps = 40
+def _wait_for(path, cluster, job, log, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        state = cluster.state(job)
+        assert state not in TERMINAL_STATES and time.monotonic() < deadline, (
+            f"{state}: no {path}\n{log.read_text()[-6000:] if log.exists() else ''}")
+        time.sleep(0.05)
+
+
+def _complete_checkpoints(out):
+    return sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{MARKER}"))
+
+
+def test_usr1_then_preemption_each_checkpoint_requeue_and_resume_to_the_uninterrupted_model(slurm_cluster, tmp_path):
+    """Two interruptions of one job, each ending in a checkpoint, a requeue and a resume:
+    1. time limit near: USR1 to the batch shell (what --signal=B:USR1@120 sends) -> forwarded to the ranks ->
+       checkpoint at the next step -> rank 0 requeues the job;
+    2. real preemption: a job in the higher-priority partition `urgent` needs the nodes -> Slurm sends SIGTERM to the
+       ranks (GraceTime 60 s) -> checkpoint -> the batch script sees PreemptTime and requeues; the urgent job runs;
+    then the job resumes and finishes with the same per-step losses and final weights as an uninterrupted run."""
+    steps = 64
     model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
@@ -123,38 +142,59 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes_to_the_uninterrupted_
     }))
     ds = tiny_ds_config("zero3.json", tmp_path)
     job, log = _submit(slurm_cluster, tmp_path, recipe, ds)
-    first = out / "checkpoint-4" / MARKER
-    deadline = time.monotonic() + 180
-    while not first.exists():
+    _wait_for(out / "checkpoint-4" / MARKER, slurm_cluster, job, log)
+    slurm_cluster.signal(job, "USR1")
+
+    # The restart: wait until it has saved a checkpoint of its own (it resumed), then preempt it.
+    deadline = time.monotonic() + 240
+    while True:
+        text = log.read_text() if log.exists() else ""
+        saved = re.search(r"saving a checkpoint at step (\d+) and stopping", text)
+        if saved and f"job {job} restart 1" in text and _complete_checkpoints(out)[-1:] > [int(saved.group(1))]:
+            break
         state = slurm_cluster.state(job)
-        assert state not in TERMINAL_STATES and time.monotonic() < deadline, (
-            f"{state}: no checkpoint-4\n{log.read_text()[-6000:] if log.exists() else ''}")
+        assert state not in TERMINAL_STATES and time.monotonic() < deadline, f"{state}\n{text[-6000:]}"
         time.sleep(0.05)
-    slurm_cluster.signal(job, "USR1")  # what --signal=B:USR1@120 delivers before the time limit
+    urgent_log = tmp_path / "urgent.out"
+    urgent = slurm_cluster.sbatch("#!/bin/bash\necho urgent ran on $SLURM_JOB_NODELIST\n", "-p", "urgent",
+                                  "--nodes=2", "--exclusive", "-o", str(urgent_log), cwd=tmp_path)
 
     # Meanwhile, the same run without any signal (2 ranks, same DeepSpeed config, on this machine).
     ref = tmp_path / "reference"
     launch = launch_config("zero3.yaml", tmp_path, ds_config=ds)
     run_train(recipe, ["--output_dir", str(ref)], launch=launch)
 
+    assert slurm_cluster.wait(urgent, timeout=300) == "COMPLETED", urgent_log.read_text()
     state = slurm_cluster.wait(job, timeout=300)
     text = log.read_text()
     assert state == "COMPLETED", f"{state}\n{text[-6000:]}"
-    assert slurm_cluster.job_info(job)["Restarts"] == "1", text[-6000:]
-    first_run, restart = text.split(f"job {job} restart 1", 1)
+    assert slurm_cluster.job_info(job)["Restarts"] == "2", text[-6000:]
+    first_run, rest = text.split(f"job {job} restart 1", 1)
+    second_run, third_run = rest.split(f"job {job} restart 2", 1)
+
+    # 1. USR1: both ranks (one per node) got it; the launchers ignored it; rank 0 requeued after the checkpoint.
     assert "USR1" in first_run and "forwarding to the ranks" in first_run, first_run[-6000:]
-    # Both ranks (one per node) got the signal; the launchers ignored it; rank 0 requeued after the checkpoint.
     assert len(re.findall(r"got SIGUSR1", first_run)) == 2, first_run[-6000:]
     assert f"Requeued Slurm job {job} (restart 1)" in first_run, first_run[-6000:]
-    saved = re.search(r"saving a checkpoint at step (\d+) and stopping", first_run)
-    assert saved, first_run[-6000:]
-    step0 = int(saved.group(1))
+    step0 = int(re.search(r"saving a checkpoint at step (\d+) and stopping", first_run).group(1))
     assert 4 <= step0 < steps
-    assert "--resume_from_checkpoint auto" in restart
-    assert re.search(rf"resuming from \S+/checkpoint-{step0}\b", restart), restart[:6000]
+    assert "--resume_from_checkpoint auto" in second_run
+    assert re.search(rf"resuming from \S+/checkpoint-{step0}\b", second_run), second_run[:6000]
+
+    # 2. Preemption: SIGTERM reached both ranks from Slurm (not through srun, which would have SIGKILLed them), they
+    # saved at the next step within GraceTime, and the batch script -- not the ranks -- requeued the preempted job.
+    assert len(re.findall(r"got SIGTERM", second_run)) == 2, second_run[-6000:]
+    assert "got SIGUSR1" not in second_run and "forcing job termination" not in second_run, second_run[-6000:]
+    step1 = int(re.search(r"saving a checkpoint at step (\d+) and stopping", second_run).group(1))
+    assert step0 < step1 < steps, (step0, step1)
+    assert re.search(rf"preempted at \S+; requeueing job {job} \(restart 2\)", second_run), second_run[-6000:]
+    assert "Requeued Slurm job" not in second_run  # SIGTERM: the ranks do not requeue (a scancel sends it too)
+    assert re.search(rf"resuming from \S+/checkpoint-{step1}\b", third_run), third_run[:6000]
+    assert "urgent ran on n[1-2]" in urgent_log.read_text()
+
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     logged = [r["step"] for r in rows if "loss_exact" in r]
-    assert logged == list(range(1, steps + 1)), logged  # each step once: the restart went on after step0
+    assert logged == list(range(1, steps + 1)), logged  # each step once: every restart went on where it stopped
     assert all(r["pairs"] == 2 * BATCH for r in rows if "loss_exact" in r)
     ref_rows = [json.loads(line) for line in open(ref / "metrics.jsonl")]
     ref_loss = {r["step"]: r["loss_exact"] for r in ref_rows if "loss_exact" in r}
@@ -167,3 +207,58 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes_to_the_uninterrupted_
     assert got.keys() == want.keys()
     for name in want:
         assert (got[name] - want[name]).abs().max().item() <= 1e-6, name
+
+
+def test_a_killed_rank_fails_the_whole_job_fast(slurm_cluster, tmp_path):
+    """SIGKILL one rank's process on node n2 mid-run: its node's launcher exits non-zero, srun --kill-on-bad-exit ends
+    the other node, the job is FAILED within seconds (no rank left waiting in a collective) and not requeued."""
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": ["rm_scale:demo/train"], "streaming": False},
+        "train": {"output_dir": str(out), "max_steps": 5000, "per_device_train_batch_size": BATCH,
+                  "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
+                  "report_to": [], "seed": 0, "ddp_timeout": 120},
+    }))
+    job, log = _submit(slurm_cluster, tmp_path, recipe, tiny_ds_config("zero3.json", tmp_path))
+    _wait_for(out / "checkpoint-4" / MARKER, slurm_cluster, job, log)
+    ranks = _job_ranks(job)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.monotonic()
+    state = slurm_cluster.wait(job, timeout=150)
+    elapsed = time.monotonic() - killed
+    text = log.read_text()
+    assert state == "FAILED", f"{state}\n{text[-6000:]}"
+    assert elapsed < 60, f"{elapsed:.0f}s to fail: a rank waited in a collective\n{text[-6000:]}"
+    assert slurm_cluster.job_info(job)["Restarts"] == "0"
+    assert re.search(r"exitcode\s*:\s*-9", text), text[-6000:]  # torchrun on n2 reports the killed rank
+    assert (out / "checkpoint-4" / MARKER).exists()  # what was saved stays (a resubmit resumes from it)
+
+    # Resubmitted on 1 node, it would resume 2-rank ZeRO-3 shards with 1 rank: refused before the model is loaded.
+    job, log = _submit(slurm_cluster, tmp_path, recipe, tiny_ds_config("zero3.json", tmp_path),
+                       sbatch_args=("--nodes=1",), log_name="one_node.out")
+    assert slurm_cluster.wait(job, timeout=150) == "FAILED"
+    text = log.read_text()
+    assert re.search(r"checkpoint-\d+ was saved by 2 processes but this run has 1 \(ZeRO-3 shards are per rank\)",
+                     text), text[-6000:]
+    assert "nodes x GPUs per node = 2" in text and "Loading" not in text
+
+
+def _job_ranks(job):
+    """{global rank: pid} of the training processes of a job (not the launchers), found by their environment."""
+    found = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            env_ = dict(kv.split(b"=", 1) for kv in open(f"/proc/{d}/environ", "rb").read().split(b"\0") if b"=" in kv)
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if env_.get(b"SLURM_JOB_ID") == str(job).encode() and b"RANK" in env_ and b"accelerate" not in cmd:
+            if b"rm_scale" in cmd:
+                found[int(env_[b"RANK"])] = int(d)
+    return found
