@@ -82,6 +82,14 @@ class RewardConfig(TrainingArguments):
     token_budget: int | None = field(
         default=None, metadata={"help": "Padded tokens per micro-batch (chosen + rejected) for batching='token_budget'."}
     )
+    packed_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "With batching='packed' and a model on 'sdpa' attention: compute each packed sequence's own causal "
+            "block only (one SDPA call per sequence, rm_scale.packed_attention) instead of the whole row with a "
+            "block-diagonal mask. Same result, less work; other attention implementations are left as they are."
+        },
+    )
     stream_block_size: int = field(
         default=1024,
         metadata={"help": "Pairs read, shuffled and batched together when streaming; resume re-reads at most one block."},

@@ -82,9 +82,17 @@ def forward_packed_rewards(
     model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:
     """Rewards of packed sequences (see rm_scale.stream.pack_pairs): one forward, no attention mask — restarting
-    position_ids make transformers attend within each sequence only — read at ``index`` = (row, column) pairs."""
+    position_ids make transformers attend within each sequence only — read at ``index`` = (row, column) pairs.
+
+    With the packed attention implementation (rm_scale.packed_attention, set by RewardTrainer for batching="packed")
+    the sequences' boundaries go along, and attention computes each sequence's own block only."""
+    from rm_scale.packed_attention import segments_from_position_ids, uses_packed_attention
+
+    extra = {}
+    if uses_packed_attention(base_model(model)):
+        extra["packed_segments"] = segments_from_position_ids(position_ids)
     with _capture_output(score_head(model)) as cap:
-        model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     per_token = cap.get("out")
     if per_token is None or per_token.dim() != 3 or per_token.shape[1] != input_ids.shape[1]:
         raise ValueError(

@@ -123,6 +123,10 @@ class RewardTrainer(Trainer):
             disable_dropout(model)
         if peft_config is not None:
             model = _apply_peft(model, peft_config, args)
+        if args.batching == "packed" and args.packed_attention:
+            from rm_scale.packed_attention import use_packed_attention
+
+            use_packed_attention(base_model(model))
 
         self._stream: PairStream | None = None
         if isinstance(train_dataset, PairFiles):

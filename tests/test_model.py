@@ -111,3 +111,49 @@ def test_packed_rewards_equal_padded_rewards(model_and_tok):
         want_c = forward_rewards(model, padded["input_ids_chosen"], padded["attention_mask_chosen"])
         want_r = forward_rewards(model, padded["input_ids_rejected"], padded["attention_mask_rejected"])
     assert torch.allclose(got_c, want_c, atol=1e-5) and torch.allclose(got_r, want_r, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
+def test_packed_attention_computes_each_sequence_block_with_the_same_result(kv_heads, tmp_path):
+    """rm_scale.packed_attention (SDPA per packed sequence) == stock sdpa with the block-diagonal mask: rewards and
+    gradients, several rows with padding tails; padded forwards are untouched; the saved config does not name it."""
+    import copy
+    import json
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rm_scale.model import forward_packed_rewards
+    from rm_scale.packed_attention import NAME, segments_from_position_ids, use_packed_attention
+    from rm_scale.stream import pack_pairs
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, num_labels=1, pad_token_id=0,
+                         attn_implementation="sdpa")
+    stock = LlamaForSequenceClassification(config)
+    packed_model = copy.deepcopy(stock)
+    assert use_packed_attention(packed_model) and packed_model.config._attn_implementation == NAME
+    lengths = ((5, 3), (9, 9), (2, 7), (4, 1), (11, 6))
+    pairs = [{"input_ids_chosen": torch.randint(1, 64, (c,)).tolist(), "input_ids_rejected": torch.randint(1, 64, (r,)).tolist()}
+             for c, r in lengths]
+    batch = pack_pairs(pairs, row_length=16, pad_id=0)
+    assert batch["packed_input_ids"].shape[0] >= 3
+    segments = segments_from_position_ids(batch["packed_position_ids"])
+    assert all(s[0][0] == 0 and s[-1][1] == batch["packed_input_ids"].shape[1] for s in segments)  # rows covered
+    index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
+    out = {}
+    for name, model in (("stock", stock), ("packed", packed_model)):
+        rewards = forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index)
+        (rewards * torch.arange(1.0, len(rewards) + 1)).sum().backward()
+        out[name] = rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.allclose(out["stock"][0], out["packed"][0], atol=1e-6)
+    for n, g in out["stock"][1].items():
+        assert torch.allclose(g, out["packed"][1][n], atol=1e-5), n
+    ids = torch.randint(1, 64, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():  # a padded forward goes to plain sdpa
+        assert torch.allclose(forward_rewards(stock, ids, mask), forward_rewards(packed_model, ids, mask), atol=1e-6)
+    packed_model.save_pretrained(tmp_path / "saved")
+    assert NAME not in (tmp_path / "saved" / "config.json").read_text()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"]

@@ -269,6 +269,9 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
     torch.manual_seed(spec["seed"])
     model = _load(spec)  # HF pools at the last id != pad_token_id: right padding, pad never inside the text
     model.train()
+    from rm_scale.packed_attention import segments_from_position_ids, use_packed_attention
+
+    packed_attention = spec.get("batching") == "packed" and use_packed_attention(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
     log = StepLog(counter)
     for batch in batches:
@@ -276,10 +279,13 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
         log.batch(**counts)
         n = counts["pairs"]
         if "packed_input_ids" in batch:
+            packed = {"packed_segments": segments_from_position_ids(batch["packed_position_ids"])} \
+                if packed_attention else {}
             # padding-free: restarting position_ids and no attention mask make transformers attend within each
             # sequence only; the score head is applied at each sequence's last token
+            # (and, like rm_scale, attention computes each sequence's own block: rm_scale.packed_attention)
             hidden = model.model(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
-                                 use_cache=False).last_hidden_state
+                                 use_cache=False, **packed).last_hidden_state
             index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
             rewards = model.score(hidden[index[:, 0], index[:, 1]])[:, 0]
         else:
