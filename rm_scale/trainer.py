@@ -127,6 +127,10 @@ class RewardTrainer(Trainer):
             from rm_scale.packed_attention import use_packed_attention
 
             use_packed_attention(base_model(model))
+        if args.sparse_last_layer:
+            from rm_scale.last_layer import use_sparse_last_layer
+
+            use_sparse_last_layer(base_model(model))
 
         self._stream: PairStream | None = None
         if isinstance(train_dataset, PairFiles):

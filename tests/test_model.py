@@ -157,3 +157,58 @@ def test_packed_attention_computes_each_sequence_block_with_the_same_result(kv_h
     packed_model.save_pretrained(tmp_path / "saved")
     assert NAME not in (tmp_path / "saved" / "config.json").read_text()
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"]
+
+
+def _arch(name):
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_labels=1, pad_token_id=0, attn_implementation="sdpa")
+    extra = {"Mistral": {"sliding_window": 4096}, "Qwen3": {"head_dim": 8}}.get(name, {})
+    config = getattr(transformers, f"{name}Config")(**common, **extra)
+    return getattr(transformers, f"{name}ForSequenceClassification")(config)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2", "Qwen3"])
+@pytest.mark.parametrize("layout", ["right", "left", "packed", "packed_attention"])
+def test_sparse_last_layer_gives_the_full_layers_rewards_and_gradients(arch, layout):
+    """rm_scale.last_layer: the last layer computed at the read tokens only == the full last layer (rewards and every
+    parameter's gradient), for padded (right/left) and packed batches (block-diagonal mask or per-sequence SDPA)."""
+    import copy
+
+    from rm_scale.last_layer import use_sparse_last_layer
+    from rm_scale.model import forward_packed_rewards
+    from rm_scale.packed_attention import use_packed_attention
+    from rm_scale.stream import pack_pairs
+
+    torch.manual_seed(0)
+    full = _arch(arch)
+    sparse = copy.deepcopy(full)
+    assert use_sparse_last_layer(sparse) and not use_sparse_last_layer(torch.nn.Linear(2, 2))
+    if layout == "packed_attention":
+        use_packed_attention(full), use_packed_attention(sparse)
+    seqs = [torch.randint(1, 64, (n,)).tolist() for n in (5, 3, 9, 9, 2, 7, 4, 1, 11, 6)]
+    results = []
+    for model in (full, sparse):
+        if layout.startswith("packed"):
+            batch = pack_pairs([{"input_ids_chosen": seqs[i], "input_ids_rejected": seqs[i + 1]} for i in range(0, 10, 2)],
+                               row_length=16, pad_id=0)
+            index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
+            rewards = forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index)
+        else:
+            width = max(map(len, seqs))
+            ids, mask = torch.zeros(len(seqs), width, dtype=torch.long), torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                cols = slice(0, len(s)) if layout == "right" else slice(width - len(s), width)
+                ids[i, cols], mask[i, cols] = torch.tensor(s), 1
+            rewards = forward_rewards(model, ids, mask)
+        (rewards * torch.arange(1.0, len(rewards) + 1)).sum().backward()
+        results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (r_full, g_full), (r_sparse, g_sparse) = results
+    assert torch.allclose(r_full, r_sparse, atol=1e-6)
+    for n, g in g_full.items():
+        assert torch.allclose(g, g_sparse[n], atol=1e-6, rtol=1e-4), n
+    # Without reward positions (a user's own forward) the wrapped layer is the original one.
+    ids = torch.randint(1, 64, (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(full(input_ids=ids).logits, sparse(input_ids=ids).logits, atol=1e-6)

@@ -252,3 +252,36 @@ def test_save_to_disk_folders_are_sources(tmp_path, tok):
     rows = [{"prompt": f"User: {i}", "chosen": " Sure", "rejected": " no"} for i in range(6)]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     assert sorted(_ids(list(_stream([str(tmp_path / "saved")], tok)), tok)) == list(range(6))
+
+
+@pytest.mark.parametrize("batching", ["length_grouped", "packed"])
+def test_ranks_run_micro_batches_of_the_same_size_at_each_step(tmp_path, tok, batching):
+    """Under ZeRO-3/DDP each step waits for the busiest rank: the ranks' batches of one step must be alike in size
+    (rm_scale.stream.balanced_order), although each rank's batches are random in order and its count differs."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as out:
+        for i in range(1000):  # lengths 1..120 words, skewed like real data
+            n = 1 + int(120 * rng.random() ** 2)
+            out.write(json.dumps({"prompt": f"User: {i} " + " ".join(["rice"] * n), "chosen": " Sure",
+                                  "rejected": " no " * rng.randint(1, 20)}) + "\n")
+    kw = dict(batching=batching, pairs_per_batch=8, block_size=500, max_length=1024, seed=3,
+              token_budget=100_000 if batching == "packed" else None)
+
+    def size(b):
+        return b["packed_input_ids"].numel() if "packed_input_ids" in b else 2 * b["input_ids_chosen"].numel()
+
+    ranks = [[size(b) for b in _stream([str(path)], tok, rank, 2, **kw)] for rank in range(2)]
+    steps = list(zip(*ranks))
+    assert len(steps) >= 55 and abs(len(ranks[0]) - len(ranks[1])) <= 2
+    balance = sum(sum(s) / 2 for s in steps) / sum(max(s) for s in steps)
+    assert balance >= 0.95, balance
+    # ... while the order is not a length curriculum: sizes early and late in each rank's pass look alike.
+    half = len(ranks[0]) // 2
+    assert 0.7 < sum(ranks[0][:half]) / sum(ranks[0][half : 2 * half]) < 1.4
+    # For contrast: the same batches shuffled independently per rank (the old order) are far less balanced.
+    shuffled = [random.Random(r).sample(sizes, len(sizes)) for r, sizes in enumerate(ranks)]
+    old = list(zip(*shuffled))
+    assert sum(sum(s) / 2 for s in old) / sum(max(s) for s in old) < balance - 0.05

@@ -153,13 +153,14 @@ def test_eval_reports_accuracy_per_subset_and_named_sets(tiny_dir, demo_data, tm
 
 
 def test_packed_batches_train_with_the_loss_of_padded_batches(tiny_dir, tmp_path):
-    """Same pairs per micro-batch (a token budget that never binds): packed and padded give the same step-1 loss and
-    gradient norm, and packed training proceeds."""
+    """Same pairs per micro-batch (a token budget that never binds; one micro-batch per stream block, so both orders
+    are the block order): packed and padded give the same losses and gradient norms, and packed training proceeds."""
     from rm_scale.stream import PairFiles
 
     logs = {}
     for batching in ("fixed", "packed"):
-        args = _args(tmp_path / batching, max_steps=6, logging_steps=1, batching=batching, token_budget=10**6)
+        args = _args(tmp_path / batching, max_steps=6, logging_steps=1, batching=batching, token_budget=10**6,
+                     stream_block_size=8)
         trainer = RewardTrainer(model=load_reward_model(str(tiny_dir)), args=args,
                                 tokenizer=AutoTokenizer.from_pretrained(tiny_dir),
                                 train_dataset=PairFiles(["rm_scale:demo/train"]))

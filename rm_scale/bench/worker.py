@@ -269,9 +269,18 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
     torch.manual_seed(spec["seed"])
     model = _load(spec)  # HF pools at the last id != pad_token_id: right padding, pad never inside the text
     model.train()
-    from rm_scale.packed_attention import segments_from_position_ids, use_packed_attention
+    # The bare loops that mirror an rm_scale contender (length_grouped, packed batches) compute the model as rm_scale
+    # does -- rm_scale's reward forward, last layer only at the read tokens, SDPA per packed sequence -- so that
+    # rm_scale / bare measures framework overhead alone. bare-fixed (TRL's batches) runs the stock HF forward, as TRL.
+    mirror = spec["batching"] != "fixed"
+    if mirror:
+        from rm_scale.last_layer import use_sparse_last_layer
+        from rm_scale.model import forward_packed_rewards, forward_rewards
+        from rm_scale.packed_attention import use_packed_attention
 
-    packed_attention = spec.get("batching") == "packed" and use_packed_attention(model)
+        use_sparse_last_layer(model)
+        if spec["batching"] == "packed":
+            use_packed_attention(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
     log = StepLog(counter)
     for batch in batches:
@@ -279,19 +288,16 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
         log.batch(**counts)
         n = counts["pairs"]
         if "packed_input_ids" in batch:
-            packed = {"packed_segments": segments_from_position_ids(batch["packed_position_ids"])} \
-                if packed_attention else {}
-            # padding-free: restarting position_ids and no attention mask make transformers attend within each
-            # sequence only; the score head is applied at each sequence's last token
-            # (and, like rm_scale, attention computes each sequence's own block: rm_scale.packed_attention)
-            hidden = model.model(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
-                                 use_cache=False, **packed).last_hidden_state
+            # padding-free: restarting position_ids, no attention mask; each sequence's reward at its last token
             index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
-            rewards = model.score(hidden[index[:, 0], index[:, 1]])[:, 0]
+            rewards = forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index)
         else:
             ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
             mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
-            rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
+            if mirror:
+                rewards = forward_rewards(model, ids, mask)
+            else:
+                rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
         loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
