@@ -209,9 +209,11 @@ def test_usr1_then_preemption_each_checkpoint_requeue_and_resume_to_the_uninterr
         assert (got[name] - want[name]).abs().max().item() <= 1e-6, name
 
 
-def test_a_killed_rank_fails_the_whole_job_fast(slurm_cluster, tmp_path):
-    """SIGKILL one rank's process on node n2 mid-run: its node's launcher exits non-zero, srun --kill-on-bad-exit ends
-    the other node, the job is FAILED within seconds (no rank left waiting in a collective) and not requeued."""
+def test_a_rank_killed_during_a_save_fails_the_job_fast_and_the_resubmit_resumes(slurm_cluster, tmp_path):
+    """SIGKILL one rank's process on node n2 while checkpoint-8 is being written: its node's launcher exits non-zero,
+    srun --kill-on-bad-exit ends the other node, the job is FAILED within seconds (no rank left waiting in a
+    collective) and not requeued. The half-written checkpoint is ignored; a resubmit on 1 node is refused before the
+    model loads (2-rank ZeRO-3 shards); a resubmit on 2 nodes resumes from the last complete checkpoint and finishes."""
     model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
@@ -222,12 +224,18 @@ def test_a_killed_rank_fails_the_whole_job_fast(slurm_cluster, tmp_path):
                   "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
                   "report_to": [], "seed": 0, "ddp_timeout": 120},
     }))
-    job, log = _submit(slurm_cluster, tmp_path, recipe, tiny_ds_config("zero3.json", tmp_path))
+    ds = tiny_ds_config("zero3.json", tmp_path)
+    job, log = _submit(slurm_cluster, tmp_path, recipe, ds)
     _wait_for(out / "checkpoint-4" / MARKER, slurm_cluster, job, log)
     ranks = _job_ranks(job)
     assert sorted(ranks) == [0, 1], ranks
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-8").exists():  # the save of step 8 has begun
+        assert time.monotonic() < deadline, log.read_text()[-6000:]
+        time.sleep(0.002)
     os.kill(ranks[1], signal.SIGKILL)
     killed = time.monotonic()
+    completed_8 = (out / "checkpoint-8" / MARKER).exists()
     state = slurm_cluster.wait(job, timeout=150)
     elapsed = time.monotonic() - killed
     text = log.read_text()
@@ -235,16 +243,30 @@ def test_a_killed_rank_fails_the_whole_job_fast(slurm_cluster, tmp_path):
     assert elapsed < 60, f"{elapsed:.0f}s to fail: a rank waited in a collective\n{text[-6000:]}"
     assert slurm_cluster.job_info(job)["Restarts"] == "0"
     assert re.search(r"exitcode\s*:\s*-9", text), text[-6000:]  # torchrun on n2 reports the killed rank
-    assert (out / "checkpoint-4" / MARKER).exists()  # what was saved stays (a resubmit resumes from it)
+    completed_8 = completed_8 or (out / "checkpoint-8" / MARKER).exists()
+    expected = "checkpoint-8" if completed_8 else "checkpoint-4"
+    print(f"killed {elapsed:.1f}s before the job ended; checkpoint-8 complete: {completed_8}")
+    assert (out / "checkpoint-4" / MARKER).exists()
 
     # Resubmitted on 1 node, it would resume 2-rank ZeRO-3 shards with 1 rank: refused before the model is loaded.
-    job, log = _submit(slurm_cluster, tmp_path, recipe, tiny_ds_config("zero3.json", tmp_path),
-                       sbatch_args=("--nodes=1",), log_name="one_node.out")
+    job, log = _submit(slurm_cluster, tmp_path, recipe, ds, sbatch_args=("--nodes=1",), log_name="one_node.out")
     assert slurm_cluster.wait(job, timeout=150) == "FAILED"
     text = log.read_text()
     assert re.search(r"checkpoint-\d+ was saved by 2 processes but this run has 1 \(ZeRO-3 shards are per rank\)",
                      text), text[-6000:]
-    assert "nodes x GPUs per node = 2" in text and "Loading" not in text
+    assert "nodes x GPUs per node = 2" in text
+
+    # Resubmitted as it was (shorter), it resumes from the last complete checkpoint and finishes.
+    job, log = _submit(slurm_cluster, tmp_path, recipe, ds, script_args=("--max_steps", "12"), log_name="again.out")
+    state = slurm_cluster.wait(job, timeout=240)
+    text = log.read_text()
+    assert state == "COMPLETED", f"{state}\n{text[-6000:]}"
+    assert re.search(rf"resuming from \S+/{expected}\b", text), text[:6000]
+    if not completed_8:
+        assert re.search(r"Ignoring \S+/checkpoint-8: no rm_scale_complete.json", text), text[:6000]
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "loss_exact" in line]
+    assert steps == list(range(1, 13)), steps  # each step once: the killed run's records after the resume were cut
+    assert (out / "final" / "model.safetensors").exists()
 
 
 def _job_ranks(job):
