@@ -1,5 +1,5 @@
-"""`rm-scale inspect-data`: what the trainer would see — format, pairs kept and dropped by reason, per-rank counts,
-length percentiles and the padding efficiency of the configured batching (against plain fixed batches)."""
+"""`rm-scale inspect-data`: what the trainer would see — format, pairs kept and dropped by reason, per-rank counts and
+rank balance, length percentiles and the padding efficiency of the configured batching (against plain fixed batches)."""
 
 from __future__ import annotations
 
@@ -47,11 +47,17 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
                               "world_size": world_size, "batching": config.batching, "ranks": []}
     lengths: list[int] = []
     dropped: dict[str, int] = {}
+    computed: list[list[int]] = []  # per rank, the computed tokens of each micro-batch, in order
     for rank in range(world_size):
         stream = PairStream(config, tokenizer, rank=rank, world_size=world_size)
         batches = 0
+        computed.append([])
         for batch in stream:
             batches += 1
+            if "packed_input_ids" in batch:
+                computed[-1].append(batch["packed_input_ids"].numel())
+            else:
+                computed[-1].append(batch["input_ids_chosen"].numel() + batch["input_ids_rejected"].numel())
             for side in ("chosen", "rejected"):
                 if "packed_position_ids" in batch:  # a sequence's length is its last position + 1
                     index = batch[f"{side}_index"]
@@ -69,6 +75,8 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
     report["pairs_kept"] = sum(r["pairs"] for r in report["ranks"])
     report["pairs_dropped"] = dropped
     report["padding_efficiency"] = real / max(padded, 1)
+    if world_size > 1:
+        report["rank_balance"] = rank_balance(computed)
     pct = (50, 90, 99, 100)
     report["length_percentiles"] = dict(zip(map(str, pct), np.percentile(lengths, pct).astype(int).tolist())) if lengths else {}
     if config.batching != "fixed":
@@ -82,6 +90,17 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
     return report
 
 
+def rank_balance(computed: list[list[int]]) -> float:
+    """Sum over steps of the ranks' mean computed tokens / sum of the busiest rank's: the fraction of the step time the
+    ranks are busy when every step waits for the slowest (ZeRO-3, DDP). A rank whose shard ran out counts 0 (the
+    trainer gives it a one-token zero-weight batch)."""
+    from itertools import zip_longest
+
+    steps = list(zip_longest(*computed, fillvalue=0))
+    busiest = sum(max(s) for s in steps)
+    return sum(sum(s) / len(s) for s in steps) / busiest if busiest else 1.0
+
+
 def print_report(report: dict[str, Any]) -> None:
     print(f"sources:  {report['sources']}")
     print(f"formats:  {report['formats']}")
@@ -92,6 +111,8 @@ def print_report(report: dict[str, Any]) -> None:
     for rank, stats in enumerate(report["ranks"]):
         print(f"  rank {rank}: {stats['pairs']} pairs in {stats['batches']} micro-batches, "
               f"padding efficiency {stats['padding_efficiency']:.3f}")
+    if "rank_balance" in report:
+        print(f"  rank balance (mean / busiest rank's computed tokens per step): {report['rank_balance']:.3f}")
     print(f"sequence length percentiles (tokens): {report['length_percentiles']}")
     line = f"padding efficiency ({report['batching']} batches): {report['padding_efficiency']:.3f}"
     if "padding_efficiency_fixed_batches" in report:

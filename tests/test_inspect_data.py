@@ -38,6 +38,7 @@ def test_report_counts_ranks_drops_and_padding(tmp_path, tok_dir):
     assert len(report["ranks"]) == 3 and all(r["pairs"] > 0 for r in report["ranks"])
     assert report["pairs_dropped"] == {"identical chosen and rejected": 1, "malformed JSON": 1}
     assert 0 < report["padding_efficiency_fixed_batches"] < report["padding_efficiency"] <= 1
+    assert 0 < report["rank_balance"] <= 1
     human = _inspect(path, "--model", tok_dir)
     assert "malformed JSON" in human.stdout and "padding efficiency" in human.stdout
 
@@ -53,10 +54,12 @@ def test_strict_inspection_stops_at_the_bad_line(tmp_path, tok_dir):
 
 @pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")
 def test_real_hh_rlhf_report(tok_dir):
-    proc = _inspect(HH, "--model", tok_dir, "--max-length", "512", "--json")
+    proc = _inspect(HH, "--model", tok_dir, "--max-length", "512", "--world-size", "2", "--batching",
+                    "length_grouped", "--json")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["formats"] == ["implicit_prompt"]
     assert report["pairs_kept"] + sum(report["pairs_dropped"].values()) == 2000
+    assert report["rank_balance"] >= 0.95  # rm_scale.stream.balanced_order (independent shuffles: ~0.76)
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")
