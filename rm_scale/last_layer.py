@@ -67,24 +67,26 @@ def _can_run(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, An
     if kwargs.get("position_embeddings") is None or kwargs.get("cache") is not None:
         return False
     mask = kwargs.get("attention_mask")
-    if mask is None:  # transformers dropped a purely causal mask: fine unless a sliding window would cut it
-        attn = layer.self_attn
-        window = getattr(attn, "sliding_window", None) or getattr(getattr(attn, "config", None), "sliding_window", None)
-        return not window or hidden_states.shape[1] <= window
-    return isinstance(mask, torch.Tensor) and mask.dim() == 4
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # sdpa / eager: the mask holds causality and windows
+        return True
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return False  # e.g. a flex-attention BlockMask
+    # No mask (purely causal) or a 2-D padding mask (flash-attention): fine unless a sliding window would cut the row.
+    attn = layer.self_attn
+    window = getattr(attn, "sliding_window", None) or getattr(getattr(attn, "config", None), "sliding_window", None)
+    return not window or hidden_states.shape[1] <= window
 
 
 def _forward_at(
     layer: nn.Module,
     hidden: torch.Tensor,
-    reward_positions: tuple[torch.Tensor, torch.Tensor],
+    reward_positions: tuple[torch.Tensor, ...],
     *,
     attention_mask: torch.Tensor | None = None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    packed_segments: Any = None,
     **_: Any,
 ) -> torch.Tensor:
-    rows, cols = (t.to(hidden.device) for t in reward_positions)
+    rows, cols, *starts = (t.to(hidden.device) for t in reward_positions)
     attn = layer.self_attn
     rotate_half = sys.modules[type(attn).__module__].rotate_half
     batch, width, _ = hidden.shape
@@ -105,7 +107,7 @@ def _forward_at(
     key, value = key[rows], value[rows]  # each read token with its own row's keys and values
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    mask = _key_mask(attention_mask, packed_segments, rows, cols, width)
+    mask = _key_mask(attention_mask, starts[0] if starts else None, rows, cols, width)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=attn.scaling,
         dropout_p=attn.attention_dropout if attn.training else 0.0,
@@ -116,18 +118,17 @@ def _forward_at(
     return hidden.new_zeros(hidden.shape).index_put((rows, cols), h)
 
 
-def _key_mask(attention_mask: torch.Tensor | None, packed_segments: Any, rows: torch.Tensor, cols: torch.Tensor,
-              width: int) -> torch.Tensor:
-    """(N, 1, 1, T) mask of the keys each read token attends to: its own row of the layer's 4-D mask; its packed
-    sequence up to itself; or, when transformers passed no mask (purely causal), every key up to itself."""
+def _key_mask(attention_mask: torch.Tensor | None, starts: torch.Tensor | None, rows: torch.Tensor,
+              cols: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, 1, 1, T) mask of the keys each read token attends to: its packed sequence up to itself (``starts`` given);
+    else its own row of the layer's 4-D mask; else the row's real tokens (2-D padding mask) or every key up to itself."""
     positions = torch.arange(width, device=cols.device)
-    if packed_segments is not None:
-        starts = []
-        for r, col in zip(rows.tolist(), cols.tolist()):
-            starts.append(next(a for a, b in packed_segments[r] if a <= col < b))
-        start = torch.tensor(starts, device=cols.device)
-        return ((positions >= start[:, None]) & (positions <= cols[:, None]))[:, None, None, :]
+    causal = positions <= cols[:, None]
+    if starts is not None:
+        return (causal & (positions >= starts[:, None]))[:, None, None, :]
     if attention_mask is None:
-        return (positions <= cols[:, None])[:, None, None, :]
+        return causal[:, None, None, :]
+    if attention_mask.dim() == 2:
+        return (causal & attention_mask[rows].bool())[:, None, None, :]
     mask_rows = rows if attention_mask.shape[0] > 1 else torch.zeros_like(rows)
     return attention_mask[mask_rows, 0, cols, :][:, None, None, :]

@@ -97,8 +97,9 @@ def forward_packed_rewards(
     inner = base_model(model)
     if uses_packed_attention(inner):
         extra["packed_segments"] = segments_from_position_ids(position_ids)
-    if uses_sparse_last_layer(inner):
-        extra["reward_positions"] = (index[:, 0].to(input_ids.device), index[:, 1].to(input_ids.device))
+    if uses_sparse_last_layer(inner):  # each read token attends to its own sequence: from its start to itself
+        rows, cols = index[:, 0].to(input_ids.device), index[:, 1].to(input_ids.device)
+        extra["reward_positions"] = (rows, cols, cols - position_ids.to(input_ids.device)[rows, cols])
     with _capture_output(score_head(model)) as cap:
         model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     per_token = cap.get("out")

@@ -212,3 +212,17 @@ def test_sparse_last_layer_gives_the_full_layers_rewards_and_gradients(arch, lay
     ids = torch.randint(1, 64, (2, 6))
     with torch.no_grad():
         assert torch.allclose(full(input_ids=ids).logits, sparse(input_ids=ids).logits, atol=1e-6)
+
+
+def test_sparse_last_layer_key_masks_without_a_4d_mask():
+    """What each read token attends to when the layer gets no 4-D mask (flash-attention: a 2-D padding mask or none):
+    its packed sequence from its start (reward_positions carry the starts), or its row's real tokens up to itself."""
+    from rm_scale.last_layer import _key_mask
+
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3])
+    packed = _key_mask(None, torch.tensor([0, 3, 1]), rows, cols, 6)[:, 0, 0].int().tolist()
+    assert packed == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]]
+    padding = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])  # row 1 left-padded (and right-padded)
+    padded = _key_mask(padding, None, rows, cols, 6)[:, 0, 0].int().tolist()
+    assert padded == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
+    assert _key_mask(None, None, rows, cols, 6)[:, 0, 0].int().tolist()[2] == [1, 1, 1, 1, 0, 0]
