@@ -40,6 +40,26 @@ def launch_config(name: str, tmp: Path, *, ds_config: Path | None = None) -> Pat
     return path
 
 
+def tiny_recipe(folder: Path, *, data: dict | None = None, **train) -> tuple[Path, Path]:
+    """A tiny model in ``folder/tiny`` and ``folder/recipe.yaml`` training it on the shipped demo pairs.
+
+    ``train`` entries override the quiet defaults (no saving, no reporting, seed 0, lr 1e-3, log every step, output
+    to ``folder/unused``: tests pass ``--output_dir``); ``data`` replaces the data section. Returns (recipe, model dir).
+    """
+    from tiny import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(folder / "tiny")
+    defaults = {"output_dir": str(folder / "unused"), "learning_rate": 1e-3, "logging_steps": 1,
+                "save_strategy": "no", "report_to": [], "seed": 0}
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(model_dir)},
+        "data": data if data is not None else {"train": ["rm_scale:demo/train"]},
+        "train": {**defaults, **train},
+    }))
+    return recipe, model_dir
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
              WANDB_MODE="offline", PYTHONPATH=str(ROOT))

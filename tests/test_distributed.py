@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from launch import launch_config, metrics, run_train, tiny_ds_config
+from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.model import forward_rewards
 from rm_scale.recipe import load_preference_files, resolve_data_files
-from tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +19,10 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    model_dir = make_tiny_model_dir(tmp / "tiny")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        # map-style data: the same global batch whatever the world size (the stream shards by rank instead)
-        "data": {"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"], "streaming": False},
-        "train": {"output_dir": str(tmp / "unused"), "max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_strategy": "no", "report_to": [], "seed": 0, "per_device_eval_batch_size": 8,
-                  "center_rewards_coefficient": 0.01},
-    }))
+    # map-style data: the same global batch whatever the world size (the stream shards by rank instead)
+    recipe, model_dir = tiny_recipe(
+        tmp, data={"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"], "streaming": False},
+        max_steps=STEPS, per_device_eval_batch_size=8, center_rewards_coefficient=0.01)
     return tmp, model_dir, recipe
 
 

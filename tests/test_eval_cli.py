@@ -9,12 +9,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from launch import ROOT, env, run_train
+from launch import ROOT, env, run_train, tiny_recipe
 from rm_scale.evaluate import PLOT_NAME, evaluate_model, run_eval
 from rm_scale.model import REWARD_STATS_FILE, read_reward_stats
-from tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +23,9 @@ STAT_KEYS = {"rm_scale_reward_mean", "rm_scale_reward_std", "rm_scale_eval_accur
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evalcli")
-    model_dir = make_tiny_model_dir(tmp / "tiny")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
-        "train": {"output_dir": str(tmp / "unused"), "max_steps": 6, "learning_rate": 2e-3, "logging_steps": 2,
-                  "eval_strategy": "steps", "eval_steps": 3, "save_strategy": "no", "report_to": [], "seed": 0,
-                  "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16},
-    }))
+    recipe, _ = tiny_recipe(tmp, data={"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
+                            max_steps=6, learning_rate=2e-3, logging_steps=2, eval_strategy="steps", eval_steps=3,
+                            per_device_train_batch_size=8, per_device_eval_batch_size=16)
     # The demo eval pairs in two subsets (a, b: alternate rows), then every pair again with chosen and rejected
     # swapped (subset "swapped"): its accuracy must be 1 - the accuracy of the originals.
     rows = [json.loads(line) for line in DEMO_EVAL.read_text().splitlines()]

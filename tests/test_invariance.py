@@ -3,25 +3,17 @@
 (global batch mean, variance, target std). The pure-math version with uneven slices is in test_loss.py."""
 
 import pytest
-import yaml
 
-from launch import launch_config, metrics, run_train, tiny_ds_config
-from tiny import make_tiny_model_dir
+from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
 
 def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path / "tiny")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "streaming": False},
-        "train": {"output_dir": str(tmp_path / "unused"), "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_strategy": "no", "report_to": [], "seed": 0, "per_device_train_batch_size": 2,
-                  "center_rewards_coefficient": 0.1, "batch_mean_coefficient": 0.5,
-                  "reward_variance_coefficient": 0.2, "target_reward_std": 1.0, "target_std_coefficient": 0.3},
-    }))
+    recipe, _ = tiny_recipe(
+        tmp_path, data={"train": ["rm_scale:demo/train"], "streaming": False}, max_steps=3,
+        per_device_train_batch_size=2, center_rewards_coefficient=0.1, batch_mean_coefficient=0.5,
+        reward_variance_coefficient=0.2, target_reward_std=1.0, target_std_coefficient=0.3)
     launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
     runs = {}
     for world, gas in ((1, 4), (2, 2), (4, 1)):
@@ -61,18 +53,12 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching)
 
     from rm_scale.stream import PairStream, StreamConfig
 
-    model_dir = make_tiny_model_dir(tmp_path / "tiny")
     stream_cfg = dict(sources=["rm_scale:demo/train"], pairs_per_batch=8, batching=batching, token_budget=250,
                       block_size=64, seed=3, max_length=1024)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "streaming": True},
-        "train": {"output_dir": str(tmp_path / "unused"), "max_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_strategy": "no", "report_to": [], "seed": 3, "per_device_train_batch_size": 8,
-                  "gradient_accumulation_steps": 4, "batching": batching, "token_budget": 250,
-                  "stream_block_size": 64, "center_rewards_coefficient": 0.1, "batch_mean_coefficient": 0.5},
-    }))
+    recipe, model_dir = tiny_recipe(
+        tmp_path, data={"train": ["rm_scale:demo/train"], "streaming": True}, max_steps=1, seed=3,
+        per_device_train_batch_size=8, gradient_accumulation_steps=4, batching=batching, token_budget=250,
+        stream_block_size=64, center_rewards_coefficient=0.1, batch_mean_coefficient=0.5)
     launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
     out = tmp_path / "two"
     run_train(recipe, ["--output_dir", str(out)], launch=launch, nproc=2)

@@ -16,13 +16,11 @@ import subprocess
 import time
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-from launch import launch_config, metrics, run_train, start_train, tiny_ds_config, worker_pids
+from launch import launch_config, metrics, run_train, start_train, tiny_ds_config, tiny_recipe, worker_pids
 from rm_scale.checkpoint import LATEST, MARKER, latest_checkpoint, list_checkpoints
 from rm_scale.preemption import PREEMPTED_EXIT_CODE
-from tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +30,8 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("preempt")
-    model_dir = make_tiny_model_dir(tmp / "tiny")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "streaming": False},
-        "train": {"output_dir": str(tmp / "unused"), "max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1,
-                  "per_device_train_batch_size": 2, "save_strategy": "steps", "save_steps": 4,
-                  "save_total_limit": 2, "report_to": [], "seed": 0},
-    }))
+    recipe, _ = tiny_recipe(tmp, data={"train": ["rm_scale:demo/train"], "streaming": False}, max_steps=STEPS,
+                            per_device_train_batch_size=2, save_strategy="steps", save_steps=4, save_total_limit=2)
     launch = launch_config("zero3.yaml", tmp, ds_config=tiny_ds_config("zero3.json", tmp))
     return tmp, recipe, launch
 

@@ -13,12 +13,10 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from launch import ROOT, env, free_port, launch_config, run_train, tiny_ds_config
+from launch import ROOT, env, free_port, launch_config, run_train, tiny_ds_config, tiny_recipe
 from rm_scale.checkpoint import MARKER
 from slurm_cluster import TERMINAL_STATES
-from tiny import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +37,10 @@ def _submit(cluster, tmp_path, recipe, ds, *, script_args=(), sbatch_args=(), lo
 
 
 def test_sbatch_two_nodes_zero3_trains_and_saves(slurm_cluster, tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
-        "train": {"output_dir": str(out), "max_steps": 1000, "per_device_train_batch_size": BATCH,
-                  "per_device_eval_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1,
-                  "save_strategy": "no", "report_to": [], "seed": 0},
-    }))
+    recipe, _ = tiny_recipe(tmp_path, data={"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
+                            output_dir=str(out), max_steps=1000, per_device_train_batch_size=BATCH,
+                            per_device_eval_batch_size=8)
     ds = tiny_ds_config("zero3.json", tmp_path)  # persistence threshold 0: the tiny model really is partitioned
     # Trailing arguments are recipe overrides and reach both nodes (the recipe says 1000 steps).
     job, log = _submit(slurm_cluster, tmp_path, recipe, ds, script_args=("--max_steps", str(STEPS)))
@@ -130,16 +122,10 @@ def test_usr1_then_preemption_each_checkpoint_requeue_and_resume_to_the_uninterr
        ranks (GraceTime 60 s) -> checkpoint -> the batch script sees PreemptTime and requeues; the urgent job runs;
     then the job resumes and finishes with the same per-step losses and final weights as an uninterrupted run."""
     steps = 64
-    model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "streaming": False},
-        "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
-                  "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
-                  "save_total_limit": 2, "report_to": [], "seed": 0},
-    }))
+    recipe, _ = tiny_recipe(tmp_path, data={"train": ["rm_scale:demo/train"], "streaming": False},
+                            output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
+                            save_strategy="steps", save_steps=4, save_total_limit=2)
     ds = tiny_ds_config("zero3.json", tmp_path)
     job, log = _submit(slurm_cluster, tmp_path, recipe, ds)
     _wait_for(out / "checkpoint-4" / MARKER, slurm_cluster, job, log)
@@ -214,16 +200,10 @@ def test_a_rank_killed_during_a_save_fails_the_job_fast_and_the_resubmit_resumes
     srun --kill-on-bad-exit ends the other node, the job is FAILED within seconds (no rank left waiting in a
     collective) and not requeued. The half-written checkpoint is ignored; a resubmit on 1 node is refused before the
     model loads (2-rank ZeRO-3 shards); a resubmit on 2 nodes resumes from the last complete checkpoint and finishes."""
-    model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "streaming": False},
-        "train": {"output_dir": str(out), "max_steps": 5000, "per_device_train_batch_size": BATCH,
-                  "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
-                  "report_to": [], "seed": 0, "ddp_timeout": 120},
-    }))
+    recipe, _ = tiny_recipe(tmp_path, data={"train": ["rm_scale:demo/train"], "streaming": False},
+                            output_dir=str(out), max_steps=5000, per_device_train_batch_size=BATCH,
+                            save_strategy="steps", save_steps=4, ddp_timeout=120)
     ds = tiny_ds_config("zero3.json", tmp_path)
     job, log = _submit(slurm_cluster, tmp_path, recipe, ds)
     _wait_for(out / "checkpoint-4" / MARKER, slurm_cluster, job, log)

@@ -10,15 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from launch import launch_config, metrics, run_train, tiny_ds_config
+from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.model import forward_rewards
 from rm_scale.recipe import load_preference_files
 from rm_scale.wandb_logging import REDACTED, SAMPLE_PAIRS, STATE_KEY, is_secret_name, redact, run_group
-from tiny import make_tiny_model_dir
 from wandb_reader import read_run, run_files
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key (40 hex digits)
@@ -31,16 +29,10 @@ SCALARS = ("loss_exact", "loss_bt", "loss_center", "accuracy", "margin", "pairs"
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb")
-    model_dir = make_tiny_model_dir(tmp / "tiny")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
-        "train": {"output_dir": str(tmp / "unused"), "max_steps": 4, "learning_rate": 1e-3, "logging_steps": 1,
-                  "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
-                  "report_to": ["wandb"], "run_name": "rm-wandb-test", "per_device_train_batch_size": 4,
-                  "per_device_eval_batch_size": 32, "center_rewards_coefficient": 0.01, "seed": 0},
-    }))
+    recipe, _ = tiny_recipe(tmp, data={"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
+                            max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                            report_to=["wandb"], run_name="rm-wandb-test", per_device_train_batch_size=4,
+                            per_device_eval_batch_size=32, center_rewards_coefficient=0.01)
     out = tmp / "out"
     run_train(recipe, ["--output_dir", str(out)], extra_env={
         "WANDB_DIR": str(tmp / "wb1"), "WANDB_PROJECT": "rm-scale-tests", "WANDB_API_KEY": FAKE_WANDB_KEY,
