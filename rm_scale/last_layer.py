@@ -19,6 +19,7 @@ Qwen3DecoderLayer); any other model keeps its full last layer.
 from __future__ import annotations
 
 import sys
+import types
 from typing import Any
 
 import torch
@@ -46,17 +47,18 @@ def use_sparse_last_layer(model: nn.Module) -> bool:
         return False
     if getattr(layer, _FLAG, False):
         return True
-    original = layer.forward
-
-    def forward(hidden_states: torch.Tensor, *args: Any, reward_positions: Any = None, **kwargs: Any) -> Any:
-        if reward_positions is None or args or not _can_run(layer, hidden_states, kwargs):
-            return original(hidden_states, *args, **kwargs)
-        return _forward_at(layer, hidden_states, reward_positions, **kwargs)
-
-    layer.forward = forward
+    # A bound method of a module-level function (not a closure): copy.deepcopy rebinds it to the copied layer.
+    layer.forward = types.MethodType(_sparse_forward, layer)
     setattr(layer, _FLAG, True)
     setattr(model, _FLAG, True)
     return True
+
+
+def _sparse_forward(layer: nn.Module, hidden_states: torch.Tensor, *args: Any, reward_positions: Any = None,
+                    **kwargs: Any) -> Any:
+    if reward_positions is None or args or not _can_run(layer, hidden_states, kwargs):
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    return _forward_at(layer, hidden_states, reward_positions, **kwargs)
 
 
 def uses_sparse_last_layer(model: nn.Module) -> bool:

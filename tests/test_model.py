@@ -226,3 +226,20 @@ def test_sparse_last_layer_key_masks_without_a_4d_mask():
     padded = _key_mask(padding, None, rows, cols, 6)[:, 0, 0].int().tolist()
     assert padded == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
     assert _key_mask(None, None, rows, cols, 6)[:, 0, 0].int().tolist()[2] == [1, 1, 1, 1, 0, 0]
+
+
+def test_a_deep_copy_of_a_sparse_model_uses_its_own_last_layer():
+    import copy
+
+    from rm_scale.last_layer import use_sparse_last_layer
+
+    torch.manual_seed(0)
+    model = _arch("Llama")
+    assert use_sparse_last_layer(model)
+    twin = copy.deepcopy(model)
+    ids, mask = torch.randint(1, 64, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        same = forward_rewards(twin, ids, mask)
+        twin.model.layers[-1].mlp.down_proj.weight.add_(1.0)  # only the copy's last layer changes
+        assert torch.allclose(same, forward_rewards(model, ids, mask))
+        assert not torch.allclose(forward_rewards(twin, ids, mask), forward_rewards(model, ids, mask))
