@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rm_scale.stream import PairStream, StreamConfig
+from rm_scale.stream import PairStream, StreamConfig, rank_balance
 
 
 def describe_formats(config: StreamConfig) -> list[str]:
@@ -88,17 +88,6 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
         report["padding_efficiency_fixed_batches"] = sum(s.stats.real_tokens for s in base) / max(
             sum(s.stats.padded_tokens for s in base), 1)
     return report
-
-
-def rank_balance(computed: list[list[int]]) -> float:
-    """Sum over steps of the ranks' mean computed tokens / sum of the busiest rank's: the fraction of the step time the
-    ranks are busy when every step waits for the slowest (ZeRO-3, DDP). A rank whose shard ran out counts 0 (the
-    trainer gives it a one-token zero-weight batch)."""
-    from itertools import zip_longest
-
-    steps = list(zip_longest(*computed, fillvalue=0))
-    busiest = sum(max(s) for s in steps)
-    return sum(sum(s) / len(s) for s in steps) / busiest if busiest else 1.0
 
 
 def print_report(report: dict[str, Any]) -> None:

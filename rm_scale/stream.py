@@ -314,6 +314,17 @@ def balanced_order(batches: list[Any], order: random.Random) -> list[Any]:
     return out
 
 
+def rank_balance(computed: list[list[int]]) -> float:
+    """Sum over steps of the ranks' mean computed tokens / sum of the busiest rank's: the fraction of the step time the
+    ranks are busy when every step waits for the slowest (ZeRO-3, DDP). A rank whose shard ran out counts 0 (the
+    trainer gives it a one-token zero-weight batch)."""
+    from itertools import zip_longest
+
+    steps = list(zip_longest(*computed, fillvalue=0))
+    busiest = sum(max(s) for s in steps)
+    return sum(sum(s) / len(s) for s in steps) / busiest if busiest else 1.0
+
+
 def _real_tokens(batch: list[dict[str, Any]]) -> int:
     return sum(len(p["input_ids_chosen"]) + len(p["input_ids_rejected"]) for p in batch)
 

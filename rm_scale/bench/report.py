@@ -27,6 +27,8 @@ def _quantile(values: list[float], q: float) -> float:
 def summarize_run(records: list[dict[str, Any]], *, warmup: int, model_params: int) -> dict[str, Any]:
     """One run (all its ranks): steps from ``warmup`` on. A step's time is the slowest rank's (ZeRO-3 ranks wait for
     each other every step anyway); pairs and tokens are summed over ranks."""
+    from rm_scale.stream import rank_balance
+
     durations = []
     for rec in records:
         ends = [rec["start"], *rec["step_ends"]]
@@ -37,10 +39,6 @@ def summarize_run(records: list[dict[str, Any]], *, warmup: int, model_params: i
         return {"error": f"only {steps} steps ran; warmup is {warmup}"}
     step_times = [max(d[i] for d in durations) for i in measured]
     cpu = [[b - a for a, b in zip([rec["cpu_start"], *rec["step_cpu"]], rec["step_cpu"])] for rec in records]
-    # rank balance: computed tokens of the average rank over those of the busiest rank, per step, summed. Below 1, the
-    # other ranks wait for the busiest one in every ZeRO-3 collective.
-    busiest = sum(max(rec["computed_tokens"][i] for rec in records) for i in measured)
-    average = sum(sum(rec["computed_tokens"][i] for rec in records) / len(records) for i in measured)
     seconds = sum(step_times)
     pairs = sum(rec["pairs"][i] for rec in records for i in measured)
     real = sum(rec["real_tokens"][i] for rec in records for i in measured)
@@ -55,7 +53,8 @@ def summarize_run(records: list[dict[str, Any]], *, warmup: int, model_params: i
         "step_time_p10_s": _quantile(step_times, 0.1),
         "step_time_p90_s": _quantile(step_times, 0.9),
         "cpu_s_per_step": [max(c[i] for c in cpu) for i in measured],  # the busiest rank's process CPU time
-        "rank_balance": average / max(busiest, 1),
+        # below 1, the other ranks wait for the busiest one in every ZeRO-3 collective
+        "rank_balance": rank_balance([[rec["computed_tokens"][i] for i in measured] for rec in records]),
         "peak_rss_gb_per_rank": [round(rec["peak_rss_gb"], 3) for rec in records],
         # per measured step, rank 0: lets the report check that two contenders saw identical batches
         "computed_tokens_per_step": [records[0]["computed_tokens"][i] for i in measured],
