@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast bench bench-quick bench-gpu clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) -m rm_scale.bench --quick
+
+# On a CUDA machine: a ~0.5B Llama in bf16, MFU next to TRL's (docs/benchmarks.md, "On a GPU").
+bench-gpu: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) -m rm_scale.bench --gpu --out bench_results/gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

