@@ -28,6 +28,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked: (world size, *shape); (1, *shape) in a single process."""
+    if not is_distributed():
+        return tensor.detach().clone().unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.stack(parts)
+
+
 def shutdown() -> None:
     """Leave together: a barrier, then tear the process group down on every rank.
 

@@ -25,7 +25,7 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from rm_scale import checkpoint as ckpt
 from rm_scale.config import RewardConfig
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
-from rm_scale.distributed import all_reduce_max, all_reduce_sum
+from rm_scale.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model import (
     SCORE_HEAD_NAMES,
@@ -171,6 +171,7 @@ class RewardTrainer(Trainer):
         # compute_loss already divides by the pairs of the whole step: no further division by GAS.
         self.loss_is_scaled_for_ga = True
         self._sums: torch.Tensor | None = None
+        self._balance: torch.Tensor | None = None  # sums over the steps since the last log: mean, max rank tokens
         self._terms = GlobalTerms(
             batch_mean=args.batch_mean_coefficient,
             variance=args.reward_variance_coefficient,
@@ -214,11 +215,18 @@ class RewardTrainer(Trainer):
     # ---- loss -------------------------------------------------------------------------------------------------
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Pairs in the whole optimizer step: all micro-batches of this rank, summed over ranks. One collective."""
+        """Pairs in the whole optimizer step: all micro-batches of this rank, summed over ranks. One collective, which
+        also brings every rank's computed (padded) tokens of the step, for `rank_balance`: under ZeRO-3 every
+        collective waits for the busiest rank, so mean / busiest is the share of the step that is not waiting."""
         if not batch_samples:
             return None
-        count = torch.tensor(sum(_real_pairs(b) for b in batch_samples), device=device)
-        return all_reduce_sum(count)
+        local = torch.tensor([float(sum(_real_pairs(b) for b in batch_samples)),
+                              float(sum(_computed_tokens(b) for b in batch_samples))], device=device)
+        ranks = all_gather_rows(local)  # (world, 2): identical on every rank
+        tokens = ranks[:, 1]
+        balance = torch.stack([tokens.mean(), tokens.max()])  # device-side: no host sync here
+        self._balance = balance if self._balance is None else self._balance + balance
+        return ranks[:, 0].sum().to(torch.long)
 
     def compute_loss(
         self,
@@ -496,6 +504,10 @@ class RewardTrainer(Trainer):
         if last is not None:
             out["pairs_per_s"] = totals["pairs"] / (now - last)
             out["tokens_per_s"] = totals["real_tokens"] / (now - last)
+        if self._balance is not None and self.accelerator.num_processes > 1:
+            mean, busiest = self._balance.tolist()  # the same on every rank (from the step's all-gather)
+            out["rank_balance"] = mean / max(busiest, 1.0)
+        self._balance = None
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -561,6 +573,13 @@ def _peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _computed_tokens(batch: Mapping[str, Any]) -> int:
+    """Token positions the forward computes (padding included; a padding batch's too): from shapes, no sync."""
+    if "packed_input_ids" in batch:
+        return int(batch["packed_input_ids"].numel())
+    return int(batch["input_ids_chosen"].numel() + batch["input_ids_rejected"].numel())
 
 
 def _real_pairs(batch: Mapping[str, Any]) -> int:

@@ -134,6 +134,12 @@ def test_zero3_stream_with_uneven_shards_finishes_and_resumes_exactly(setup):
     assert sorted(steps) == list(range(1, 17))
     # 27 pairs a pass, 4 at most a step: more than one epoch happened, and steps where rank 1 padded count 2 pairs
     assert {m["pairs"] for m in steps.values()} >= {2.0, 4.0}
+    # rank_balance = mean / busiest rank's computed tokens: where rank 1 ran only its 1-token padding batch, rank 0
+    # computed all but a sliver of the step's tokens, so the mean rank is just over half of the busiest one
+    assert all(0 < m["rank_balance"] <= 1 for m in steps.values())
+    padded = [m["rank_balance"] for m in steps.values() if m["pairs"] == 2.0]
+    assert padded and 0.5 < min(padded) < 0.6, padded
+    assert max(m["rank_balance"] for m in steps.values()) > 0.6
     state = json.loads((full / "checkpoint-7" / "rm_scale_data_rank1.json").read_text())
     assert state["rank"] == 1 and state["world_size"] == 2
 
@@ -147,6 +153,7 @@ def test_zero3_stream_with_uneven_shards_finishes_and_resumes_exactly(setup):
     for step in range(8, 17):
         assert again[step]["pairs"] == steps[step]["pairs"]
         assert abs(again[step]["loss_exact"] - steps[step]["loss_exact"]) <= 1e-6, step
+        assert again[step]["rank_balance"] == steps[step]["rank_balance"], step  # the same batches on each rank
 
 
 def test_zero3_eval_of_an_odd_sized_set_counts_each_pair_once(setup):
