@@ -232,13 +232,14 @@ def _common_args(spec: dict[str, Any]) -> dict[str, Any]:
         "report_to": "none",
         "seed": spec["seed"],
         "bf16": bool(spec.get("bf16")),  # fp32 on CPU; bf16 autocast (fp32 weights) on GPU -- TRL's default is bf16
-        "use_cpu": spec.get("device", "cpu") == "cpu",
         "gradient_checkpointing": False,  # TRL's default would be True; rm_scale's and transformers' is False
         "disable_dropout": True,
         "dataloader_pin_memory": spec.get("device") == "cuda",
         # the same for every contender: TRL's collator pads in the worker, rm_scale's stream tokenises and batches there
         "dataloader_num_workers": spec.get("dataloader_workers", 0),
     }
+    if spec.get("bf16") and spec.get("device", "cpu") == "cpu":
+        args["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to train on the CPU
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and spec.get("device", "cpu") == "cpu":
         args["ddp_backend"] = "gloo"  # PLATFORM.md item 1/8: Accelerate picks no backend without a GPU
     return args
