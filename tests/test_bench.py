@@ -166,3 +166,21 @@ def test_bf16_smoke_run_reports_model_flops(tmp_path: Path) -> None:
         assert s["model_tflops_per_s"] > 0 and 0 < s["mfu"] < 1, name
     assert "rm_scale-packed/trl MFU (1p)" in results["summary"]["ratios"]
     assert "bf16 autocast" in (tmp_path / "results.md").read_text()
+
+
+def test_zero3_overrides_reach_the_launch_config(tmp_path: Path) -> None:
+    import yaml
+
+    from rm_scale.bench.__main__ import ZERO3_BENCH_DEFAULTS, Settings, _launch_config, main
+
+    assert Settings(mode="x", steps=2, warmup=1, repeats=1, model="SMOKE").zero3 == ZERO3_BENCH_DEFAULTS
+    launch = yaml.safe_load(_launch_config(tmp_path, {"reduce_bucket_size": 123, "overlap_comm": True}).read_text())
+    ds = json.loads(Path(launch["deepspeed_config"]["deepspeed_config_file"]).read_text())["zero_optimization"]
+    assert ds["reduce_bucket_size"] == 123 and ds["overlap_comm"] is True
+    assert ds["stage3_param_persistence_threshold"] == 0 and ds["stage"] == 3
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["--data", str(data), "--zero3", "reduce_bucket_size"])
+    with pytest.raises(SystemExit, match="must be JSON"):
+        main(["--data", str(data), "--zero3", "reduce_bucket_size=lots"])

@@ -71,7 +71,14 @@ class Settings:
     bf16: bool = False  # bf16 autocast over fp32 weights, every contender alike
     dataloader_workers: int = 0  # TrainingArguments.dataloader_num_workers, every trainer alike
     peak_tflops: float | None = None  # the device's dense peak for the run's precision: MFU = model FLOP/s / peak
+    # zero_optimization overrides of the 2-rank runs (--zero3 adds to or replaces them). Bucket sizes: DeepSpeed's own
+    # defaults instead of the shipped config's "auto", which transformers sets from hidden_size² -- 65k elements at the
+    # bench model's hidden 256, i.e. 30 all-gathers and 38 reduce-scatters per step of a 5M-parameter model, a per-call
+    # overhead no real model has (hidden 4096: 16.7M-element buckets). See docs/benchmarks.md.
+    zero3: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(ZERO3_BENCH_DEFAULTS))
 
+
+ZERO3_BENCH_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
 
 MODES = {
     "full": dict(steps=60, warmup=10, repeats=3, model="BENCH"),
@@ -123,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast in any mode")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense peak TFLOP/s for MFU (default: known GPUs' bf16 data-sheet peak)")
+    parser.add_argument("--zero3", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a zero_optimization key of the 2-rank runs' DeepSpeed config (JSON value), for every "
+                             "contender alike; repeatable, e.g. --zero3 reduce_bucket_size=5e8")
     parser.add_argument("--no-extras", action="store_true", help="skip the pipeline and ZeRO-3 memory measurements")
     parser.add_argument("--report-from", help="re-render the report of an earlier results.json; runs nothing")
     args = parser.parse_args(argv)
@@ -142,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("rm_scale.bench --gpu: no CUDA device visible (torch.cuda.device_count() is 0). Run it on "
                              "a GPU machine with a CUDA build of torch, or use make bench on CPUs.")
         settings.peak_tflops = peak_bf16_tflops(gpus[0])
+    for item in args.zero3:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--zero3 {item!r}: expected KEY=VALUE, e.g. reduce_bucket_size=5e8")
+        try:
+            settings.zero3[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--zero3 {item!r}: the value must be JSON (a number, true/false, a quoted string)")
     for key in ("steps", "warmup", "repeats", "bf16", "peak_tflops"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
@@ -205,7 +223,7 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
     model_dir = work / "model"
     size = getattr(bench_model, settings.model)
     model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer_dir, seed=settings.seed)
-    launch = _launch_config(work)
+    launch = _launch_config(work, settings.zero3)
     if settings.max_pairs:
         data = _head(data, settings.max_pairs, work / "pairs.jsonl")
     base = {"model_dir": str(model_dir), "data": str(data), "vocab": size.vocab, "steps": settings.steps,
@@ -326,13 +344,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_config(work: Path) -> Path:
-    """launch/zero3.yaml pointed at ds_configs/zero3.json with persistence threshold 0: else ZeRO-3 keeps every
-    parameter of a model this small whole on each rank and nothing is partitioned (PLATFORM.md item 5)."""
+def _launch_config(work: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """launch/zero3.yaml pointed at ds_configs/zero3.json with persistence threshold 0 (else ZeRO-3 keeps every
+    parameter of a model this small whole on each rank and nothing is partitioned: PLATFORM.md item 5) and the
+    ``overrides`` (Settings.zero3)."""
     import yaml
 
     ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds["zero_optimization"].update(overrides or {})
     ds_path = work / "zero3.json"
     ds_path.write_text(json.dumps(ds, indent=2))
     config = yaml.safe_load((ROOT / "launch" / "zero3.yaml").read_text())

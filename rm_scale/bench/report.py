@@ -318,7 +318,9 @@ def markdown(results: dict[str, Any]) -> str:
         + f"; max_length {s['max_length']}, {s['pairs_per_device']} pairs per device, "
         f"AdamW lr {s['lr']}, clip 1.0, {'bf16 autocast' if s.get('bf16') else 'fp32'}"
         + (f", {s['dataloader_workers']} data worker(s) per rank" if s.get("dataloader_workers") else "")
-        + f". 2-rank runs: accelerate launch + ZeRO-3 ({'NCCL' if s.get('device') == 'cuda' else 'gloo'}).",
+        + f". 2-rank runs: accelerate launch + ZeRO-3 ({'NCCL' if s.get('device') == 'cuda' else 'gloo'}), "
+        "ds_configs/zero3.json with stage3_param_persistence_threshold 0"
+        + "".join(f", {k} {v}" for k, v in (s.get("zero3") or {}).items()) + ".",
         "Model TFLOP/s: 6 x matrix parameters x real tokens + causal attention, the same count for every contender "
         "(rm_scale.bench.model.model_flops); MFU = that / the GPUs' dense peak.",
         "",
