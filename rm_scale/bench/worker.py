@@ -306,22 +306,18 @@ def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
     """Pairs, real tokens, computed tokens (the forward's input size) and the sum over sequences of length² (causal
     attention's work grows with it) of a padded or a packed micro-batch. Real tokens and length² stay tensors (no
     host sync when the batch is on a GPU); `StepLog` reads them at the step's end."""
+    import torch
+
     if "packed_input_ids" in batch:
-        index = torch_cat([batch["chosen_index"], batch["rejected_index"]])
+        index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
         pos = batch["packed_position_ids"]
         lengths = pos[index[:, 0].to(pos.device), index[:, 1].to(pos.device)] + 1  # last position + 1
         return {"pairs": batch["chosen_index"].shape[0], "real": batch["packed_real_tokens"],
                 "computed": batch["packed_input_ids"].numel(), "attn": (lengths * lengths).sum()}
     c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
-    lengths = torch_cat([c.sum(dim=1), r.sum(dim=1)])
+    lengths = torch.cat([c.sum(dim=1), r.sum(dim=1)])
     return {"pairs": c.shape[0], "real": lengths.sum(), "computed": c.numel() + r.numel(),
             "attn": (lengths * lengths).sum()}
-
-
-def torch_cat(tensors: list[Any]) -> Any:
-    import torch
-
-    return torch.cat(tensors)
 
 
 def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
