@@ -219,10 +219,9 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
         from rm_scale.pretrained import smollm2_path
 
         tokenizer = smollm2_path()
-    tokenizer_dir = tokenizer
     model_dir = work / "model"
     size = getattr(bench_model, settings.model)
-    model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer_dir, seed=settings.seed)
+    model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer, seed=settings.seed)
     launch = _launch_config(work, settings.zero3)
     if settings.max_pairs:
         data = _head(data, settings.max_pairs, work / "pairs.jsonl")
@@ -257,7 +256,7 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
     if extras:
         results["pipeline"] = _pipeline(settings, base, work, launch)
         if settings.memory:
-            results["zero3_memory"] = _zero3_memory(settings, base, work, launch, tokenizer_dir)
+            results["zero3_memory"] = _zero3_memory(settings, base, work, launch, tokenizer)
     for extra in ("pipeline", "zero3_memory"):
         if isinstance(results.get(extra), dict) and "error" in results[extra]:
             results["errors"].append(f"{extra}: {results[extra]['error'][-1500:]}")

@@ -75,9 +75,9 @@ def model_flops(model: dict[str, Any], *, real_tokens: float, attention_square_t
     """Training FLOPs (forward + backward) the model needs for the real tokens, the same count for every contender:
     6 per token per matrix parameter, plus causal attention, 6 · layers · hidden per (sequence length)² summed over the
     sequences (QKᵀ and AV take 2 · s² · hidden FLOPs each over the whole square, half of that causal: 2 · s² · hidden
-    forward, times 3 with the backward). Padding and
-    masked-out attention are not counted: they are waste, and MFU must not reward them. rm_scale's sparse last layer
-    skips work this count includes (its MFU is the useful-work rate, as for the others)."""
+    forward, times 3 with the backward). Padding and masked-out attention are not counted: they are waste, and MFU
+    must not reward them. rm_scale's sparse last layer skips work this count includes (its MFU is the useful-work rate,
+    as for the others)."""
     return (6.0 * model["matmul_params"] * real_tokens
             + 6.0 * model["layers"] * model["hidden"] * attention_square_tokens)
 
