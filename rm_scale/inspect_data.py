@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rm_scale.stream import PairStream, StreamConfig, rank_balance
+from rm_scale.stream import PairStream, StreamConfig, computed_tokens, rank_balance
 
 
 def describe_formats(config: StreamConfig) -> list[str]:
@@ -54,10 +54,7 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
         computed.append([])
         for batch in stream:
             batches += 1
-            if "packed_input_ids" in batch:
-                computed[-1].append(batch["packed_input_ids"].numel())
-            else:
-                computed[-1].append(batch["input_ids_chosen"].numel() + batch["input_ids_rejected"].numel())
+            computed[-1].append(computed_tokens(batch))
             for side in ("chosen", "rejected"):
                 if "packed_position_ids" in batch:  # a sequence's length is its last position + 1
                     index = batch[f"{side}_index"]

@@ -314,6 +314,14 @@ def balanced_order(batches: list[Any], order: random.Random) -> list[Any]:
     return out
 
 
+def computed_tokens(batch: dict[str, Any]) -> int:
+    """Token positions a micro-batch's forward computes, padding included: from its shapes (padded: chosen + rejected
+    rows; packed: the packed rows), so no device sync."""
+    if "packed_input_ids" in batch:
+        return int(batch["packed_input_ids"].numel())
+    return int(batch["input_ids_chosen"].numel() + batch["input_ids_rejected"].numel())
+
+
 def rank_balance(computed: list[list[int]]) -> float:
     """Sum over steps of the ranks' mean computed tokens / sum of the busiest rank's: the fraction of the step time the
     ranks are busy when every step waits for the slowest (ZeRO-3, DDP). A rank whose shard ran out counts 0 (the

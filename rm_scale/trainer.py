@@ -41,7 +41,7 @@ from rm_scale.preemption import (
     exit_on_signal_from_now_on,
     slurm_requeue,
 )
-from rm_scale.stream import PairFiles, PairStream, padding_batch, stream_config
+from rm_scale.stream import PairFiles, PairStream, computed_tokens, padding_batch, stream_config
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class RewardTrainer(Trainer):
         if not batch_samples:
             return None
         local = torch.tensor([float(sum(_real_pairs(b) for b in batch_samples)),
-                              float(sum(_computed_tokens(b) for b in batch_samples))], device=device)
+                              float(sum(computed_tokens(b) for b in batch_samples))], device=device)
         ranks = all_gather_rows(local)  # (world, 2): identical on every rank
         tokens = ranks[:, 1]
         balance = torch.stack([tokens.mean(), tokens.max()])  # device-side: no host sync here
@@ -573,13 +573,6 @@ def _peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _computed_tokens(batch: Mapping[str, Any]) -> int:
-    """Token positions the forward computes (padding included; a padding batch's too): from shapes, no sync."""
-    if "packed_input_ids" in batch:
-        return int(batch["packed_input_ids"].numel())
-    return int(batch["input_ids_chosen"].numel() + batch["input_ids_rejected"].numel())
 
 
 def _real_pairs(batch: Mapping[str, Any]) -> int:

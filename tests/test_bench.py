@@ -129,7 +129,9 @@ def test_batch_counts_sum_squared_sequence_lengths_padded_and_packed() -> None:
             mask[i, :n] = 1
         return mask
 
-    counts = batch_counts({"attention_mask_chosen": padded("chosen"), "attention_mask_rejected": padded("rejected")})
+    batch = {"attention_mask_chosen": padded("chosen"), "attention_mask_rejected": padded("rejected")}
+    batch.update({f"input_ids_{side}": torch.ones_like(batch[f"attention_mask_{side}"]) for side in ("chosen", "rejected")})
+    counts = batch_counts(batch)
     assert (counts["pairs"], int(counts["real"]), counts["computed"], int(counts["attn"])) == (2, 17, 28, squares)
 
 

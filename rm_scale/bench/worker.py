@@ -308,15 +308,17 @@ def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
     host sync when the batch is on a GPU); `StepLog` reads them at the step's end."""
     import torch
 
+    from rm_scale.stream import computed_tokens
+
     if "packed_input_ids" in batch:
         index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
         pos = batch["packed_position_ids"]
         lengths = pos[index[:, 0].to(pos.device), index[:, 1].to(pos.device)] + 1  # last position + 1
         return {"pairs": batch["chosen_index"].shape[0], "real": batch["packed_real_tokens"],
-                "computed": batch["packed_input_ids"].numel(), "attn": (lengths * lengths).sum()}
+                "computed": computed_tokens(batch), "attn": (lengths * lengths).sum()}
     c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
     lengths = torch.cat([c.sum(dim=1), r.sum(dim=1)])
-    return {"pairs": c.shape[0], "real": lengths.sum(), "computed": c.numel() + r.numel(),
+    return {"pairs": c.shape[0], "real": lengths.sum(), "computed": computed_tokens(batch),
             "attn": (lengths * lengths).sum()}
 
 
