@@ -35,16 +35,16 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) -m rm_scale.bench
+	$(PY) -m bench
 
 bench-quick: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) -m rm_scale.bench --quick
+	$(PY) -m bench --quick
 
 # On a CUDA machine: a ~0.5B Llama in bf16, MFU next to TRL's (docs/benchmarks.md, "On a GPU").
 bench-gpu: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) -m rm_scale.bench --gpu --out bench_results/gpu
+	$(PY) -m bench --gpu --out bench_results/gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,12 +13,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RewardConfig": "rm_scale.config",
-    "RewardDataCollatorWithPadding": "rm_scale.data",
-    "RewardTrainer": "rm_scale.trainer",
-    "compute_reward_metrics": "rm_scale.trainer",
-    "forward_rewards": "rm_scale.model",
-    "init_score_head": "rm_scale.model",
-    "load_reward_model": "rm_scale.model",
+    "RewardDataCollatorWithPadding": "rm_scale.data.collate",
+    "PairFiles": "rm_scale.data.stream",
+    "RewardTrainer": "rm_scale.train.trainer",
+    "compute_reward_metrics": "rm_scale.train.metrics",
+    "forward_rewards": "rm_scale.model.reward",
+    "init_score_head": "rm_scale.model.reward",
+    "load_reward_model": "rm_scale.model.reward",
+    "read_reward_stats": "rm_scale.model.reward",
 }
 __all__ = list(_EXPORTS)
 

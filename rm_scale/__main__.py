@@ -1,5 +1,5 @@
 import sys
 
-from rm_scale.cli import main
+from rm_scale.commands.cli import main
 
 sys.exit(main())

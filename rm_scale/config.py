@@ -9,7 +9,8 @@ from functools import cached_property
 import torch
 from transformers import TrainingArguments
 
-from rm_scale.stream import check_batching
+from rm_scale.data.batching import check_batching
+from rm_scale.distributed import init_gloo_group
 
 
 @dataclass
@@ -80,13 +81,17 @@ class RewardConfig(TrainingArguments):
         },
     )
     token_budget: int | None = field(
-        default=None, metadata={"help": "Padded tokens per micro-batch (chosen + rejected) for batching='token_budget'."}
+        default=None,
+        metadata={
+            "help": "Tokens per micro-batch: with batching='token_budget' the padded tokens (2 x pairs x longest "
+            "side), with batching='packed' the real tokens of chosen + rejected. Needed by both."
+        },
     )
     packed_attention: bool = field(
         default=True,
         metadata={
             "help": "With batching='packed' and a model on 'sdpa' attention: compute each packed sequence's own causal "
-            "block only (one SDPA call per sequence, rm_scale.packed_attention) instead of the whole row with a "
+            "block only (one SDPA call per sequence, rm_scale.model.packed_attention) instead of the whole row with a "
             "block-diagonal mask. Same result, less work; other attention implementations are left as they are."
         },
     )
@@ -94,7 +99,7 @@ class RewardConfig(TrainingArguments):
         default=True,
         metadata={
             "help": "Compute the last decoder layer only at the tokens whose reward is read (keys and values still at "
-            "every position; rm_scale.last_layer): same rewards and gradients, about 1/num_layers less compute. "
+            "every position; rm_scale.model.last_layer): same rewards and gradients, about 1/num_layers less compute. "
             "Llama, Mistral, Qwen2 and Qwen3 layers; other models keep their full last layer."
         },
     )
@@ -133,7 +138,7 @@ class RewardConfig(TrainingArguments):
         metadata={
             "help": "On SIGUSR1 or SIGTERM (Slurm time limit, preemption, scancel, kill), every rank finishes the "
             "current optimizer step, a full checkpoint is saved, and train() raises TrainingPreempted: the process "
-            "exits with code 75 (rm_scale.preemption). Resume with resume_from_checkpoint: auto."
+            "exits with code 75 (rm_scale.train.preemption). Resume with resume_from_checkpoint: auto."
         },
     )
     requeue_on_signal: bool = field(
@@ -181,13 +186,8 @@ class RewardConfig(TrainingArguments):
         # With `deepspeed=<json>` transformers initialises the process group through DeepSpeed and passes no backend,
         # which on a CPU-only machine leaves Accelerate unable to pick one. Initialise gloo ourselves first; both
         # Accelerate and DeepSpeed then reuse the existing group.
-        if (
-            self.ddp_backend == "gloo"
-            and _launched_world_size() > 1
-            and torch.distributed.is_available()
-            and not torch.distributed.is_initialized()
-        ):
-            torch.distributed.init_process_group(backend="gloo", timeout=self.ddp_timeout_delta)
+        if self.ddp_backend == "gloo" and _launched_world_size() > 1:
+            init_gloo_group(timeout=self.ddp_timeout_delta)
         return TrainingArguments._setup_devices.func(self)
 
 

@@ -5,12 +5,21 @@ Device-agnostic: tensors stay on the caller's device, so gloo (CPU) and NCCL (GP
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_gloo_group(*, timeout: timedelta) -> None:
+    """Start the gloo process group from the launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR), unless one
+    exists. Accelerate and DeepSpeed then reuse it."""
+    if dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="gloo", timeout=timeout)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

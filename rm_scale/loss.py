@@ -34,15 +34,19 @@ def bradley_terry_sums(
     assert rewards_chosen.shape == rewards_rejected.shape and rewards_chosen.dim() == 1
     diff = rewards_chosen - rewards_rejected
     logits = diff if margin is None else diff - margin.to(diff.dtype)
-    with torch.no_grad():
-        correct = (diff > 0).to(diff.dtype).sum() + 0.5 * (diff == 0).to(diff.dtype).sum()
     return PairLossSums(
         bt=-F.logsigmoid(logits).sum(),
         center=((rewards_chosen + rewards_rejected) ** 2).sum(),
-        correct=correct,
+        correct=correct_pairs(diff.detach()),
         margin=diff.detach().sum(),
         num_pairs=rewards_chosen.numel(),
     )
+
+
+def correct_pairs(diff: torch.Tensor) -> torch.Tensor:
+    """Pairs ranked right from ``r_chosen - r_rejected``: 1 each when positive, a tie counts half (the one definition
+    of accuracy, in training, evaluation and rm-scale eval)."""
+    return (diff > 0).to(diff.dtype).sum() + 0.5 * (diff == 0).to(diff.dtype).sum()
 
 
 def total_loss(sums: PairLossSums, *, num_pairs: float | torch.Tensor, center_coef: float | None) -> torch.Tensor:

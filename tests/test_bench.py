@@ -1,4 +1,4 @@
-"""The benchmark command (`make bench`, rm_scale.bench): a smoke run of every contender, the skip without data, and the
+"""The benchmark command (`make bench`, bench/): a smoke run of every contender, the skip without data, and the
 per-run arithmetic of the report."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rm_scale.bench import report
+from bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "pairs.jsonl.gz"
@@ -19,7 +19,7 @@ DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "pairs.jsonl.
 
 def _bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "rm_scale.bench", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -27,7 +27,7 @@ def _bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_smoke_run_writes_every_contender(tmp_path: Path) -> None:
     if not DATA.is_file():
         pytest.skip(f"{DATA} not found (../shared/data is absent)")
-    from rm_scale.bench.__main__ import CONTENDERS
+    from bench.__main__ import CONTENDERS
 
     proc = _bench("--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -112,8 +112,8 @@ def test_mfu_is_of_the_peak_of_every_gpu_the_contender_used() -> None:
 def test_batch_counts_sum_squared_sequence_lengths_padded_and_packed() -> None:
     import torch
 
-    from rm_scale.bench.worker import batch_counts
-    from rm_scale.stream import pack_pairs
+    from bench.worker import batch_counts
+    from rm_scale.data.collate import pack_pairs
 
     lengths = {"chosen": [5, 3], "rejected": [2, 7]}
     pairs = [{f"input_ids_{side}": list(range(1, 1 + lengths[side][i])) for side in ("chosen", "rejected")}
@@ -136,8 +136,8 @@ def test_batch_counts_sum_squared_sequence_lengths_padded_and_packed() -> None:
 
 
 def test_model_flops_of_the_gpu_model_and_known_gpu_peaks() -> None:
-    from rm_scale.bench.__main__ import peak_bf16_tflops
-    from rm_scale.bench.model import GPU, model_flops
+    from bench.__main__ import peak_bf16_tflops
+    from bench.model import GPU, model_flops
 
     # the --gpu model's matrices: per layer 4 h² (attention) + 3 h·i (MLP), plus the 1-row score head
     matmul = GPU.layers * (4 * GPU.hidden**2 + 3 * GPU.hidden * GPU.intermediate) + GPU.hidden
@@ -173,7 +173,7 @@ def test_bf16_smoke_run_reports_model_flops(tmp_path: Path) -> None:
 def test_zero3_overrides_reach_the_launch_config(tmp_path: Path) -> None:
     import yaml
 
-    from rm_scale.bench.__main__ import ZERO3_BENCH_DEFAULTS, Settings, _launch_config, main
+    from bench.__main__ import ZERO3_BENCH_DEFAULTS, Settings, _launch_config, main
 
     assert Settings(mode="x", steps=2, warmup=1, repeats=1, model="SMOKE").zero3 == ZERO3_BENCH_DEFAULTS
     launch = yaml.safe_load(_launch_config(tmp_path, {"reduce_bucket_size": 123, "overlap_comm": True}).read_text())

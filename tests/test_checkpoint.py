@@ -14,10 +14,10 @@ import yaml
 from transformers import AutoTokenizer, TrainerCallback
 
 from rm_scale import RewardConfig, RewardTrainer
-from rm_scale import checkpoint as ckpt
+from rm_scale.train import checkpoint as ckpt
 from rm_scale.model import load_reward_model
-from rm_scale.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
-from rm_scale.recipe import load_preference_files
+from rm_scale.train.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
+from rm_scale.commands.recipe import load_preference_files
 from tiny import make_tiny_model_dir
 
 
@@ -76,10 +76,12 @@ def test_metrics_are_truncated_to_the_resumed_step(tmp_path):
 
 def test_world_size_and_output_dir_errors_say_what_to_do(tmp_path):
     folder = _fake_checkpoint(tmp_path, 4, world_size=4)
-    ckpt.check_world_size(folder, 4, per_rank="ZeRO-3 shards are per rank")
-    ckpt.check_world_size(folder, 2, per_rank=None)  # a warning only
-    with pytest.raises(ValueError, match=r"saved by 4 processes but this run has 2 .*--num_processes 4"):
-        ckpt.check_world_size(folder, 2, per_rank="ZeRO-3 shards are per rank")
+    ckpt.check_world_size(folder, 4, streamed=False, zero_stage=3)
+    ckpt.check_world_size(folder, 2, streamed=False, zero_stage=2)  # a warning only
+    with pytest.raises(ValueError, match=r"saved by 4 processes but this run has 2 \(ZeRO-3 .*--num_processes 4"):
+        ckpt.check_world_size(folder, 2, streamed=False, zero_stage=3)
+    with pytest.raises(ValueError, match=r"this run has 2 \(streamed data positions are per rank"):
+        ckpt.check_world_size(folder, 2, streamed=True, zero_stage=None)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
@@ -89,7 +91,7 @@ def test_world_size_and_output_dir_errors_say_what_to_do(tmp_path):
 @pytest.mark.parametrize("case", ["data", "output_dir", "world_size"])
 def test_train_fails_before_loading_the_model(tmp_path, case):
     """Each error comes from the preflight: the model path does not even exist."""
-    from rm_scale.run import train_from_recipe
+    from rm_scale.commands.run import train_from_recipe
 
     out = tmp_path / "out"
     train = {"output_dir": str(out), "max_steps": 4, "report_to": [], "resume_from_checkpoint": "auto"}

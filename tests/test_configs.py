@@ -10,7 +10,7 @@ import yaml
 
 from rm_scale.config import RewardConfig
 from rm_scale.dsconfig import load_ds_config, resolve_ds_config
-from rm_scale.recipe import load_recipe
+from rm_scale.commands.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", ".git", "outputs", "build", "node_modules", ".pytest_cache"}

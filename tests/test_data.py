@@ -2,7 +2,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rm_scale.data import PRETOKENIZED, RewardDataCollatorWithPadding, detect_format, prepare_dataset, tokenize_pair
+from rm_scale.data import RewardDataCollatorWithPadding, detect_format, prepare_dataset, tokenize_pair
+from rm_scale.data.formats import PRETOKENIZED
 from tiny import demo_corpus, make_tokenizer
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.model import forward_rewards
-from rm_scale.recipe import load_preference_files, resolve_data_files
+from rm_scale.commands.recipe import load_preference_files, resolve_data_files
 
 pytestmark = pytest.mark.slow
 

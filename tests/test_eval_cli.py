@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from launch import ROOT, env, run_train, tiny_recipe
-from rm_scale.evaluate import PLOT_NAME, evaluate_model, run_eval
+from rm_scale.commands.evaluate import PLOT_NAME, evaluate_model, run_eval
 from rm_scale.model import REWARD_STATS_FILE, read_reward_stats
 
 pytestmark = pytest.mark.slow
 
-DEMO_EVAL = ROOT / "rm_scale" / "demo_data" / "eval.jsonl"
+DEMO_EVAL = ROOT / "rm_scale" / "data" / "demo_data" / "eval.jsonl"
 STAT_KEYS = {"rm_scale_reward_mean", "rm_scale_reward_std", "rm_scale_eval_accuracy", "rm_scale_eval_pairs"}
 
 

@@ -59,7 +59,7 @@ def test_real_hh_rlhf_report(tok_dir):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["formats"] == ["implicit_prompt"]
     assert report["pairs_kept"] + sum(report["pairs_dropped"].values()) == 2000
-    assert report["rank_balance"] >= 0.95  # rm_scale.stream.balanced_order (independent shuffles: ~0.76)
+    assert report["rank_balance"] >= 0.95  # rm_scale.data.batching.balanced_order (independent shuffles: ~0.76)
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")

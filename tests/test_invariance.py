@@ -51,7 +51,7 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching)
 
     from transformers import AutoTokenizer
 
-    from rm_scale.stream import PairStream, StreamConfig
+    from rm_scale.data.stream import PairStream, StreamConfig
 
     stream_cfg = dict(sources=["rm_scale:demo/train"], pairs_per_batch=8, batching=batching, token_budget=250,
                       block_size=64, seed=3, max_length=1024)

@@ -87,7 +87,7 @@ def test_init_score_head_uses_a_private_generator(tiny_dir):
 def test_packed_rewards_equal_padded_rewards(model_and_tok):
     """Padding-free packing (restarting position_ids, no mask) reads the same rewards as a padded batch."""
     from rm_scale.model import forward_packed_rewards
-    from rm_scale.stream import pack_pairs
+    from rm_scale.data.collate import pack_pairs
 
     model, tok = model_and_tok
     eos = tok.eos_token_id
@@ -115,7 +115,7 @@ def test_packed_rewards_equal_padded_rewards(model_and_tok):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
 def test_packed_attention_computes_each_sequence_block_with_the_same_result(kv_heads, tmp_path):
-    """rm_scale.packed_attention (SDPA per packed sequence) == stock sdpa with the block-diagonal mask: rewards and
+    """rm_scale.model.packed_attention (SDPA per packed sequence) == stock sdpa with the block-diagonal mask: rewards and
     gradients, several rows with padding tails; padded forwards are untouched; the saved config does not name it."""
     import copy
     import json
@@ -123,8 +123,8 @@ def test_packed_attention_computes_each_sequence_block_with_the_same_result(kv_h
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from rm_scale.model import forward_packed_rewards
-    from rm_scale.packed_attention import NAME, segments_from_position_ids, use_packed_attention
-    from rm_scale.stream import pack_pairs
+    from rm_scale.model.packed_attention import NAME, segments_from_position_ids, use_packed_attention
+    from rm_scale.data.collate import pack_pairs
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -172,14 +172,14 @@ def _arch(name):
 @pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2", "Qwen3"])
 @pytest.mark.parametrize("layout", ["right", "left", "packed", "packed_attention"])
 def test_sparse_last_layer_gives_the_full_layers_rewards_and_gradients(arch, layout):
-    """rm_scale.last_layer: the last layer computed at the read tokens only == the full last layer (rewards and every
+    """rm_scale.model.last_layer: the last layer computed at the read tokens only == the full last layer (rewards and every
     parameter's gradient), for padded (right/left) and packed batches (block-diagonal mask or per-sequence SDPA)."""
     import copy
 
-    from rm_scale.last_layer import use_sparse_last_layer
+    from rm_scale.model.last_layer import use_sparse_last_layer
     from rm_scale.model import forward_packed_rewards
-    from rm_scale.packed_attention import use_packed_attention
-    from rm_scale.stream import pack_pairs
+    from rm_scale.model.packed_attention import use_packed_attention
+    from rm_scale.data.collate import pack_pairs
 
     torch.manual_seed(0)
     full = _arch(arch)
@@ -217,7 +217,7 @@ def test_sparse_last_layer_gives_the_full_layers_rewards_and_gradients(arch, lay
 def test_sparse_last_layer_key_masks_without_a_4d_mask():
     """What each read token attends to when the layer gets no 4-D mask (flash-attention: a 2-D padding mask or none):
     its packed sequence from its start (reward_positions carry the starts), or its row's real tokens up to itself."""
-    from rm_scale.last_layer import _key_mask
+    from rm_scale.model.last_layer import _key_mask
 
     rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3])
     packed = _key_mask(None, torch.tensor([0, 3, 1]), rows, cols, 6)[:, 0, 0].int().tolist()
@@ -231,7 +231,7 @@ def test_sparse_last_layer_key_masks_without_a_4d_mask():
 def test_a_deep_copy_of_a_sparse_model_uses_its_own_last_layer():
     import copy
 
-    from rm_scale.last_layer import use_sparse_last_layer
+    from rm_scale.model.last_layer import use_sparse_last_layer
 
     torch.manual_seed(0)
     model = _arch("Llama")

@@ -19,8 +19,8 @@ import pytest
 from safetensors.torch import load_file
 
 from launch import launch_config, metrics, run_train, start_train, tiny_ds_config, tiny_recipe, worker_pids
-from rm_scale.checkpoint import LATEST, MARKER, latest_checkpoint, list_checkpoints
-from rm_scale.preemption import PREEMPTED_EXIT_CODE
+from rm_scale.train.checkpoint import LATEST, MARKER, latest_checkpoint, list_checkpoints
+from rm_scale.train.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The cached HF folder converted from the SmolLM2-135M-Instruct GGUF (rm_scale.pretrained).
+"""The cached HF folder converted from the SmolLM2-135M-Instruct GGUF (rm_scale.model.pretrained).
 
 Slow: the first run builds the cache (~25 s); later runs reuse it and spend most of their time loading the GGUF once
 for the logits comparison. Set RM_SCALE_CACHE to point the tests (and the build) at another cache.
@@ -24,7 +24,7 @@ HIDDEN = 576
 
 @pytest.fixture(scope="session")
 def folder():
-    from rm_scale.pretrained import smollm2_path
+    from rm_scale.model.pretrained import smollm2_path
 
     return smollm2_path()  # $RM_SCALE_CACHE or ~/.cache/rm_scale: built once, then reused
 
@@ -65,7 +65,7 @@ def test_chat_template_renders(tokenizer):
 
 
 def test_causal_lm_matches_gguf_logits(folder, tokenizer):
-    from rm_scale.pretrained import gguf_file
+    from rm_scale.model.pretrained import gguf_file
 
     src = gguf_file()
     ref = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)

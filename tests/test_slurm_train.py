@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch import ROOT, env, free_port, launch_config, run_train, tiny_ds_config, tiny_recipe
-from rm_scale.checkpoint import MARKER
+from rm_scale.train.checkpoint import MARKER
 from slurm_cluster import TERMINAL_STATES
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def _eval_rewards(model, tokenizer_dir):
 
     from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
     from rm_scale.model import forward_rewards
-    from rm_scale.recipe import load_preference_files
+    from rm_scale.commands.recipe import load_preference_files
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     data = prepare_dataset(load_preference_files(["rm_scale:demo/eval"]), tok, max_length=1024)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rm_scale.stream import PairStream, StreamConfig
+from rm_scale.data.stream import PairStream, StreamConfig
 from tiny import demo_corpus, make_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -189,7 +189,7 @@ FG = SHARED / "finegrained-qa-feedback" / "dev_feedback.json"
 def test_multi_response_real_data_expands_to_pairs_and_splits_by_prompt(tok):
     """FineGrainedRLHF: 4 answers and 6 pairwise labels per question; ties dropped and counted; the eval split is
     by question, never by pair."""
-    from rm_scale.stream import materialize_pairs
+    from rm_scale.data.stream import materialize_pairs
 
     common = dict(sources=[str(FG)], pairs_per_batch=8, max_length=None, seed=0, eval_fraction=0.2)
     train, train_stats = materialize_pairs(StreamConfig(split="train", **common), tok)
@@ -257,7 +257,7 @@ def test_save_to_disk_folders_are_sources(tmp_path, tok):
 @pytest.mark.parametrize("batching", ["length_grouped", "packed"])
 def test_ranks_run_micro_batches_of_the_same_size_at_each_step(tmp_path, tok, batching):
     """Under ZeRO-3/DDP each step waits for the busiest rank: the ranks' batches of one step must be alike in size
-    (rm_scale.stream.balanced_order), although each rank's batches are random in order and its count differs."""
+    (rm_scale.data.batching.balanced_order), although each rank's batches are random in order and its count differs."""
     import random
 
     rng = random.Random(0)

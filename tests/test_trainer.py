@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from rm_scale import RewardConfig, RewardTrainer
 from rm_scale.model import load_reward_model, score_head
-from rm_scale.recipe import load_preference_files
+from rm_scale.commands.recipe import load_preference_files
 from tiny import make_tiny_model_dir
 
 
@@ -108,7 +108,7 @@ def test_bad_config_values_name_the_field():
 
 
 def test_strict_data_stops_before_the_first_step(tiny_dir, tmp_path):
-    from rm_scale.stream import PairFiles
+    from rm_scale.data import PairFiles
 
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "User: a", "chosen": " Sure", "rejected": " no"}) + "\n" + "{oops\n")
@@ -121,7 +121,7 @@ def test_strict_data_stops_before_the_first_step(tiny_dir, tmp_path):
 
 def test_streamed_training_with_a_background_worker_sees_the_same_batches(tiny_dir, tmp_path):
     """dataloader_num_workers=1 tokenises in a worker process; batches, losses and epochs match 0 workers."""
-    from rm_scale.stream import PairFiles
+    from rm_scale.data import PairFiles
 
     data = PairFiles(["rm_scale:demo/eval"])  # 128 pairs: 16 steps of 8 = one epoch, then a second one
     losses = {}
@@ -156,7 +156,7 @@ def test_eval_reports_accuracy_per_subset_and_named_sets(tiny_dir, demo_data, tm
 def test_packed_batches_train_with_the_loss_of_padded_batches(tiny_dir, tmp_path):
     """Same pairs per micro-batch (a token budget that never binds; one micro-batch per stream block, so both orders
     are the block order): packed and padded give the same losses and gradient norms, and packed training proceeds."""
-    from rm_scale.stream import PairFiles
+    from rm_scale.data import PairFiles
 
     logs = {}
     for batching in ("fixed", "packed"):
@@ -170,3 +170,68 @@ def test_packed_batches_train_with_the_loss_of_padded_batches(tiny_dir, tmp_path
     for a, b in zip(logs["fixed"], logs["packed"]):
         assert abs(a["loss_exact"] - b["loss_exact"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
     assert logs["packed"][-1]["padding_efficiency"] > logs["fixed"][-1]["padding_efficiency"]
+
+
+def test_transformers_still_calls_the_hooks_the_loss_and_checkpoints_rely_on(tiny_dir, tmp_path):
+    """The step's global pair count (get_batch_samples → compute_loss's num_items_in_batch), the atomic checkpoint
+    commit (_save_checkpoint) and each rank's data position (_save_rng_state) ride on transformers' Trainer hooks; a
+    transformers release that stops calling them would silently change the loss or lose resume. Streamed, GAS 2."""
+    from rm_scale.data import PairFiles
+    from rm_scale.train.checkpoint import MARKER
+
+    calls: dict[str, list] = {"get_batch_samples": [], "_save_checkpoint": [], "_save_rng_state": [],
+                              "compute_loss": []}
+
+    class Recording(RewardTrainer):
+        def get_batch_samples(self, *a, **k):
+            out = super().get_batch_samples(*a, **k)
+            calls["get_batch_samples"].append(len(out[0]))
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            calls["compute_loss"].append(None if num_items_in_batch is None else int(num_items_in_batch))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _save_checkpoint(self, *a, **k):
+            calls["_save_checkpoint"].append(self.state.global_step)
+            return super()._save_checkpoint(*a, **k)
+
+        def _save_rng_state(self, *a, **k):
+            calls["_save_rng_state"].append(self.state.global_step)
+            return super()._save_rng_state(*a, **k)
+
+    args = _args(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                 save_strategy="steps", save_steps=2)
+    trainer = Recording(model=str(tiny_dir), args=args, tokenizer=AutoTokenizer.from_pretrained(tiny_dir),
+                        train_dataset=PairFiles(["rm_scale:demo/train"]))
+    trainer.train()
+    assert calls["get_batch_samples"] == [2, 2]
+    assert calls["compute_loss"] == [8, 8, 8, 8]  # every micro-batch divides by the pairs of its whole step
+    assert calls["_save_checkpoint"] == [2] and calls["_save_rng_state"] == [2]
+    assert (tmp_path / "checkpoint-2" / MARKER).exists() and (tmp_path / "checkpoint-2" / "rm_scale_data_rank0.json").exists()
+
+
+def test_training_without_the_step_pair_count_fails_loudly(tiny_dir, demo_data, tmp_path):
+    class Old(RewardTrainer):  # what a transformers that no longer passes num_items_in_batch would do
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, None)
+
+    trainer = Old(model=str(tiny_dir), args=_args(tmp_path, max_steps=1),
+                  tokenizer=AutoTokenizer.from_pretrained(tiny_dir), train_dataset=demo_data)
+    with pytest.raises(RuntimeError, match="num_items_in_batch"):
+        trainer.train()
+
+
+def test_the_callers_args_and_peft_config_are_not_changed(tiny_dir, tmp_path):
+    from peft import LoraConfig, TaskType
+
+    from rm_scale.data import PairFiles
+
+    args = _args(tmp_path, max_steps=1, gradient_checkpointing=True)
+    peft = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=4, lora_alpha=8, target_modules=["q_proj"])
+    before_args, before_peft = args.to_dict(), peft.to_dict()
+    trainer = RewardTrainer(model=str(tiny_dir), args=args, tokenizer=AutoTokenizer.from_pretrained(tiny_dir),
+                            train_dataset=PairFiles(["rm_scale:demo/train"]), peft_config=peft)
+    assert args.to_dict() == before_args and peft.to_dict() == before_peft
+    assert trainer.args.ignore_data_skip and trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    assert "score" in trainer.model.peft_config["default"].modules_to_save

@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.model import forward_rewards
-from rm_scale.recipe import load_preference_files
-from rm_scale.wandb_logging import REDACTED, SAMPLE_PAIRS, STATE_KEY, is_secret_name, redact, run_group
+from rm_scale.commands.recipe import load_preference_files
+from rm_scale.train.wandb_logging import REDACTED, SAMPLE_PAIRS, STATE_KEY, is_secret_name, redact, run_group
 from wandb_reader import read_run, run_files
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key (40 hex digits)

@@ -25,7 +25,7 @@ def make_tokenizer(corpus: list[str]):
 
 
 def demo_corpus() -> list[str]:
-    here = Path(__file__).resolve().parents[1] / "rm_scale" / "demo_data"
+    here = Path(__file__).resolve().parents[1] / "rm_scale" / "data" / "demo_data"
     rows = [json.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in open(here / name)]
     return [r["prompt"] + r["chosen"] + " " + r["rejected"] for r in rows]
 

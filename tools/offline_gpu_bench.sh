@@ -10,7 +10,7 @@
 # rm_scale's 1-GPU benchmark adds on top, at the versions of constraints.txt: transformers, datasets, trl and their
 # small pure-Python dependencies (~17 MB). DeepSpeed is not needed on one GPU (rm_scale imports it lazily; the 2-rank
 # ZeRO-3 contenders run only where there are 2 GPUs). `run` installs the wheels into /tmp/rm_scale_site, ahead of the
-# machine's own packages, and runs `python3 -m rm_scale.bench --gpu` on the carried hh-rlhf pairs and tokenizer.
+# machine's own packages, and runs `python3 -m bench --gpu` on the carried hh-rlhf pairs and tokenizer.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 dir="$here/.offline"
@@ -32,7 +32,7 @@ stage)
     data="$here/../shared/data/hh-rlhf-harmless-base/pairs.jsonl.gz"
     [[ -f "$data" ]] || { echo "offline_gpu_bench: $data not found (../shared/data)" >&2; exit 1; }
     cp "$data" "$dir/pairs.jsonl.gz"
-    tok="$("$here/.venv/bin/python" -c 'from rm_scale.pretrained import smollm2_path; print(smollm2_path())')"
+    tok="$("$here/.venv/bin/python" -c 'from rm_scale.model.pretrained import smollm2_path; print(smollm2_path())')"
     cp "$tok"/tokenizer.json "$tok"/tokenizer_config.json "$dir/tokenizer/"
     [[ -f "$tok/chat_template.jinja" ]] && cp "$tok/chat_template.jinja" "$dir/tokenizer/"
     du -sh "$dir"
@@ -47,7 +47,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
     python3 -c 'import torch, transformers, trl; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "transformers", transformers.__version__, "trl", trl.__version__, torch.cuda.get_device_name(0))'
-    python3 -m rm_scale.bench --gpu --data "$dir/pairs.jsonl.gz" --tokenizer "$dir/tokenizer" --out "$out" "$@"
+    python3 -m bench --gpu --data "$dir/pairs.jsonl.gz" --tokenizer "$dir/tokenizer" --out "$out" "$@"
     ;;
 *)
     sed -n '2,13p' "$0"

@@ -7,7 +7,7 @@ anywhere else in the project - and is a *causal LM* checkpoint, so
 ``AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)`` gets a freshly initialised ``score`` head,
 exactly as when fine-tuning a reward model from a Hub base model.
 
-Run ``python -m rm_scale.pretrained`` to build the cache and print its path.
+Run ``python -m rm_scale.model.pretrained`` to build the cache and print its path.
 """
 
 from __future__ import annotations
@@ -126,5 +126,5 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 if __name__ == "__main__":
     with contextlib.redirect_stdout(sys.stderr):  # keep library chatter (DeepSpeed's accelerator notice) off stdout,
-        path = smollm2_path()  # so that `$(python -m rm_scale.pretrained)` is just the path
+        path = smollm2_path()  # so that `$(python -m rm_scale.model.pretrained)` is just the path
     print(path)

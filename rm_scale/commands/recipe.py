@@ -10,22 +10,25 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rm_scale.config import RewardConfig
+from rm_scale.data.sources import Source, file_kind, parse_sources, resolve_files
+from rm_scale.model.pretrained import smollm2_path
+
 SECTIONS = ("model", "lora", "data", "train")
 MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code"}
 DATA_KEYS = {"train", "eval", "streaming"}
 LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "use_rslora"}
-# The model shipped with rm_scale (no download); shipped data names live in rm_scale.sources.
+# The model shipped with rm_scale (no download); shipped data names live in rm_scale.data.sources.
 SMOLLM2 = "rm_scale:smollm2-135m-instruct"
 
 
 def _reward_config_fields() -> set[str]:
-    from rm_scale.config import RewardConfig
-
     return {f.name for f in dataclasses.fields(RewardConfig) if f.init}
 
 
@@ -50,8 +53,6 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 def _coerce_yaml_1_1(train: dict[str, Any]) -> None:
     """Undo YAML 1.1 surprises for typed fields: `1e-5` (no dot) reads as a string, and `no`/`yes` read as booleans
     where TrainingArguments expects the strings ("eval_strategy: no")."""
-    from rm_scale.config import RewardConfig
-
     types = {f.name: str(f.type) for f in dataclasses.fields(RewardConfig)}
     for key, value in train.items():
         kind = types.get(key, "")
@@ -124,16 +125,12 @@ def validate_recipe(recipe: dict[str, Any], *, source: str) -> None:
 
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == SMOLLM2:
-        from rm_scale.pretrained import smollm2_path
-
         return str(smollm2_path())
     return name_or_path
 
 
 def resolve_data_files(files: str | Sequence[str]) -> list[str]:
     """Expand shipped names (rm_scale:demo/...), globs and folders; a path that matches nothing is an error."""
-    from rm_scale.sources import resolve_files
-
     return resolve_files([files] if isinstance(files, str) else list(files))
 
 
@@ -141,11 +138,49 @@ def load_preference_files(files: str | Sequence[str]) -> Any:
     """A map-style `datasets.Dataset` of the raw rows of local .jsonl/.json/.parquet/.csv files (optionally .gz)."""
     from datasets import load_dataset
 
-    from rm_scale.sources import file_kind
-
     paths = resolve_data_files(files)
     kinds = {file_kind(p) for p in paths}
     if len(kinds) != 1 or kinds & {"saved"}:
         raise ValueError(f"One file type per data list, and no save_to_disk folders here; got {sorted(kinds)}.")
     kind = kinds.pop()
     return load_dataset("json" if kind == "jsonl" else kind, data_files=paths, split="train")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The recipe's `model` section, resolved: a local folder or hub name (the shipped SmolLM2 built if asked for)."""
+
+    path: str
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The recipe's `data` section, parsed once: training sources, evaluation (sources, "split" or None), and whether
+    the training data streams (auto: when train.max_steps > 0, since a stream has no length)."""
+
+    train: list[Source]
+    eval: list[Source] | str | None
+    streaming: bool
+
+
+def resolve_model(recipe: dict[str, Any]) -> ModelSpec:
+    model = recipe["model"]
+    return ModelSpec(path=resolve_model_path(model["name_or_path"]), dtype=model.get("dtype", "float32"),
+                     trust_remote_code=bool(model.get("trust_remote_code", False)))
+
+
+def resolve_data(recipe: dict[str, Any], args: RewardConfig) -> DataSpec:
+    """Parse the data section and check that every path matches a file ("Data path ... matches no file")."""
+    data = recipe["data"]
+    train = parse_sources(data["train"])
+    spec = data.get("eval")
+    evaluation = spec if spec in (None, "split") else parse_sources(spec)
+    if spec == "split" and not args.eval_fraction:
+        raise ValueError("data.eval: split needs train.eval_fraction > 0 (the share of prompts held out).")
+    for source in train + (evaluation if isinstance(evaluation, list) else []):
+        resolve_files(source.paths)
+    streaming = data.get("streaming", "auto")
+    streaming = args.max_steps > 0 if streaming == "auto" else bool(streaming)
+    return DataSpec(train=train, eval=evaluation, streaming=streaming)

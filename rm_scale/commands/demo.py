@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MIN_ACCURACY = 0.75  # chance is 0.5; the demo preference is easy, so anything near chance means a bug
 
 
@@ -21,7 +21,7 @@ def run_demo(*, output_dir: str, num_processes: int = 2) -> int:
     for needed in ("launch/zero3.yaml", "recipes/demo.yaml", "ds_configs/zero3.json"):
         if not (ROOT / needed).exists():
             raise SystemExit(f"rm-scale demo runs from a checkout of rm_scale: {ROOT / needed} is missing.")
-    from rm_scale.pretrained import smollm2_path
+    from rm_scale.model.pretrained import smollm2_path  # lazy: keeps `rm-scale --help` fast
 
     print("rm_scale demo: preparing SmolLM2-135M-Instruct (built once from the shipped GGUF, then cached) ...", flush=True)
     print(f"rm_scale demo: model folder {smollm2_path()}", flush=True)

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rm_scale.data.formats import PRETOKENIZED
+
 DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
 HUB = "hub:"  # "hub:org/name" or "hub:org/name@split" (default split: train)
 CANONICAL = ("prompt", "chosen", "rejected", "margin", "subset")
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-PRETOKENIZED = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
 
 
 class BadRow(ValueError):

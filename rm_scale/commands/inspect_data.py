@@ -9,15 +9,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from transformers import AutoTokenizer
 
-from rm_scale.stream import PairStream, StreamConfig, computed_tokens, rank_balance
+from rm_scale.commands.recipe import resolve_model_path
+from rm_scale.data.batching import rank_balance
+from rm_scale.data.collate import computed_tokens
+from rm_scale.data.formats import detect_format
+from rm_scale.data.sources import BadRow, iter_records, record_row, resolve_files, to_pairs
+from rm_scale.data.stream import PairStream, StreamConfig
+from rm_scale.model.reward import ensure_pad_token
 
 
 def describe_formats(config: StreamConfig) -> list[str]:
     """The format of each source, read from its first usable row."""
-    from rm_scale.data import detect_format
-    from rm_scale.sources import BadRow, iter_records, record_row, resolve_files, to_pairs
-
     names = []
     for source in config.sources:
         name = "unknown (no readable row)"
@@ -108,13 +112,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 def run_inspect(paths: Sequence[str], *, model: str, world_size: int, pairs_per_batch: int, max_length: int | None,
                 batching: str, token_budget: int | None, strict: bool, as_json: bool) -> int:
-    from transformers import AutoTokenizer
-
-    from rm_scale.recipe import resolve_model_path
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     config = StreamConfig(sources=list(paths), pairs_per_batch=pairs_per_batch, max_length=max_length,
                           batching=batching, token_budget=token_budget, strict=strict)
     report = inspect(config, tokenizer, world_size=world_size)

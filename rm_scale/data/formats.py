@@ -15,10 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 PRETOKENIZED = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
-TOKENIZED_COLUMNS = PRETOKENIZED + ("margin",)
 
 
 def detect_format(columns: Sequence[str], example: Mapping[str, Any] | None = None) -> str:
@@ -73,7 +70,7 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
 
 
 def tokenize_canonical(pair: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """Token ids of a canonical pair from rm_scale.sources.to_pairs (``prompt`` None means implicit)."""
+    """Token ids of a canonical pair from rm_scale.data.sources.to_pairs (``prompt`` None means implicit)."""
     row = {k: v for k, v in pair.items() if not (k == "prompt" and v is None) and k != "subset"}
     out = tokenize_pair(row, tokenizer, fmt=detect_format(list(row), row))
     if "subset" in pair:
@@ -108,8 +105,6 @@ def prepare_dataset(
             desc=f"Tokenising ({fmt})",
         )
     if max_length is not None and truncation == "keep_end":
-        from rm_scale.stream import truncate_pair
-
         return dataset.map(truncate_pair, fn_kwargs={"limit": max_length}, num_proc=num_proc,
                            desc=f"Keeping the last {max_length} tokens")
     if max_length is not None:
@@ -121,57 +116,17 @@ def prepare_dataset(
     return dataset
 
 
-@dataclass
-class RewardDataCollatorWithPadding:
-    """Pads the chosen and rejected sides of a batch of pairs to ONE common length.
 
-    One common length lets the trainer run chosen and rejected through the model in one concatenated forward.
-    Padding follows ``tokenizer.padding_side`` (left or right); the trainer reads each reward at the last token whose
-    attention mask is 1, so both sides work, and so does pad == eos.
-    """
 
-    tokenizer: Any
-    padding: bool | str = True
-    max_length: int | None = None
-    pad_to_multiple_of: int | None = None
-    return_tensors: str = "pt"
+def truncate_pair(pair: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Keep the last ``limit`` tokens of each side: the response end (where the reward is read) and the prompt tail."""
+    out = dict(pair)
+    for side in ("chosen", "rejected"):
+        out[f"input_ids_{side}"] = pair[f"input_ids_{side}"][-limit:]
+        out[f"attention_mask_{side}"] = pair[f"attention_mask_{side}"][-limit:]
+    return out
 
-    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("RewardDataCollatorWithPadding got an empty batch.")
-        missing = [k for k in PRETOKENIZED if k not in features[0]]
-        if missing:
-            raise ValueError(
-                f"RewardDataCollatorWithPadding needs the columns {list(PRETOKENIZED)}; missing {missing}. "
-                "Tokenise text with rm_scale.data.prepare_dataset (RewardTrainer does this for you)."
-            )
-        longest = max(max(len(f["input_ids_chosen"]), len(f["input_ids_rejected"])) for f in features)
-        if self.max_length is not None and longest > self.max_length:
-            raise ValueError(
-                f"A pair in this batch has {longest} tokens, more than max_length={self.max_length}. "
-                "Drop or truncate long pairs before collating."
-            )
-        length = longest
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            raise ValueError("The tokenizer has no pad token: set tokenizer.pad_token (RewardTrainer does this).")
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        batch: dict[str, torch.Tensor] = {}
-        for side in ("chosen", "rejected"):
-            ids = torch.full((len(features), length), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(features), length), dtype=torch.long)
-            for i, f in enumerate(features):
-                seq = torch.as_tensor(f[f"input_ids_{side}"], dtype=torch.long)
-                att = torch.as_tensor(f[f"attention_mask_{side}"], dtype=torch.long)
-                n = seq.numel()
-                sl = slice(length - n, length) if left else slice(0, n)
-                ids[i, sl] = seq
-                mask[i, sl] = att
-            batch[f"input_ids_{side}"] = ids
-            batch[f"attention_mask_{side}"] = mask
-        if "margin" in features[0]:
-            batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float)
-        batch["return_loss"] = True
-        return batch
+
+def pair_length(pair: dict[str, Any]) -> int:
+    """Tokens of the longer side of a tokenised pair."""
+    return max(len(pair["input_ids_chosen"]), len(pair["input_ids_rejected"]))

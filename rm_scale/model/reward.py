@@ -7,12 +7,17 @@ from the mask, not from the first pad token, keeps it right for left padding and
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+from rm_scale.model.last_layer import uses_sparse_last_layer
+from rm_scale.model.packed_attention import segments_from_position_ids, uses_packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +73,6 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     we capture the per-token scores with a hook and pool at the last attention-mask 1 instead. Encoder models whose
     head sees one pooled vector per row return it as is.
     """
-    from rm_scale.last_layer import uses_sparse_last_layer
-
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     cols = last_real_index(attention_mask).to(input_ids.device)
     extra = {"reward_positions": (rows, cols)} if uses_sparse_last_layer(base_model(model)) else {}
@@ -85,14 +88,11 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 def forward_packed_rewards(
     model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:
-    """Rewards of packed sequences (see rm_scale.stream.pack_pairs): one forward, no attention mask — restarting
+    """Rewards of packed sequences (see rm_scale.data.collate.pack_pairs): one forward, no attention mask — restarting
     position_ids make transformers attend within each sequence only — read at ``index`` = (row, column) pairs.
 
-    With the packed attention implementation (rm_scale.packed_attention, set by RewardTrainer for batching="packed")
+    With the packed attention implementation (rm_scale.model.packed_attention, set by RewardTrainer for batching="packed")
     the sequences' boundaries go along, and attention computes each sequence's own block only."""
-    from rm_scale.last_layer import uses_sparse_last_layer
-    from rm_scale.packed_attention import segments_from_position_ids, uses_packed_attention
-
     extra: dict[str, Any] = {}
     inner = base_model(model)
     if uses_packed_attention(inner):
@@ -195,9 +195,6 @@ def set_reward_stats(model: nn.Module, stats: dict[str, float]) -> None:
 
 def read_reward_stats(model_dir: str) -> dict[str, float]:
     """The reward statistics saved with a model folder (full model or PEFT adapter); empty when there are none."""
-    import json
-    import os
-
     for name in (REWARD_STATS_FILE, "config.json"):
         path = os.path.join(model_dir, name)
         if os.path.exists(path):
@@ -206,3 +203,12 @@ def read_reward_stats(model_dir: str) -> dict[str, float]:
             if stats:
                 return stats
     return {}
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token its eos token as pad. Safe for rewards: they are read at the last
+    attention-mask 1, not at the first pad token."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad nor an eos token: set tokenizer.pad_token.")
+        tokenizer.pad_token = tokenizer.eos_token

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from rm_scale.distributed import all_reduce_max
+
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
@@ -107,10 +109,7 @@ class PreemptionCallback(TrainerCallback):
     # -- agreement at each optimizer step ------------------------------------------------------------------------
 
     def _agree(self, args: Any) -> set[int]:
-        flags = torch.tensor([float(sig in self.received) for sig in SIGNALS], device=args.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        flags = all_reduce_max(torch.tensor([float(sig in self.received) for sig in SIGNALS], device=args.device))
         return {sig for sig, f in zip(SIGNALS, flags.tolist()) if f > 0}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -1,11 +1,11 @@
 """One benchmark contender in its own process — under `accelerate launch`, one rank of it.
 
-    python -m rm_scale.bench.worker SPEC.json
+    python -m bench.worker SPEC.json
 
 SPEC.json is a list of contender specs (normally one; `--smoke` and `--gpu` run several in one process to save
 start-ups). Each rank writes ``<out_dir>/<name>.rank<k>.json``: per-step end times, pairs, real and computed (padded)
 tokens, the sum of squared sequence lengths (for attention FLOPs), its peak memory (host, and GPU on CUDA), and — in
-multi-rank runs — the ZeRO-3 parameter all-gathers it issued. `rm_scale.bench.report` aggregates.
+multi-rank runs — the ZeRO-3 parameter all-gathers it issued. `bench.report` aggregates.
 
 A spec's ``device`` ("cpu" or "cuda") and ``bf16`` apply to every contender alike: on CUDA each rank uses the GPU of its
 local rank, step ends are taken after `torch.cuda.synchronize()`, and bf16 is autocast over fp32 weights (what
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exc()
-                print(f"rm_scale.bench.worker: {spec['name']} failed; going on with the next contender",
+                print(f"bench.worker: {spec['name']} failed; going on with the next contender",
                       file=sys.stderr, flush=True)
                 failed += 1
                 _release(cuda)
@@ -278,9 +278,9 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
 
     from rm_scale.config import RewardConfig
     from rm_scale.model import load_reward_model
-    from rm_scale.stream import PairFiles
-    from rm_scale.bench.model import fold_vocab
-    from rm_scale.trainer import RewardTrainer
+    from rm_scale.data.stream import PairFiles
+    from bench.model import fold_vocab
+    from rm_scale.train.trainer import RewardTrainer
 
     log = StepLog(counter, sync=spec.get("device") == "cuda")
 
@@ -308,7 +308,7 @@ def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
     host sync when the batch is on a GPU); `StepLog` reads them at the step's end."""
     import torch
 
-    from rm_scale.stream import computed_tokens
+    from rm_scale.data.collate import computed_tokens
 
     if "packed_input_ids" in batch:
         index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
@@ -326,7 +326,7 @@ def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
     """The micro-batches rm_scale's stream yields for this spec (same files, seed, block size, batching), in order."""
     import itertools
 
-    from rm_scale.stream import PairStream, StreamConfig
+    from rm_scale.data.stream import PairStream, StreamConfig
 
     config = StreamConfig(sources=[spec["data"]], pairs_per_batch=spec["pairs_per_device"],
                           max_length=spec["max_length"], batching=spec["batching"],
@@ -355,8 +355,8 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
     # rm_scale / bare measures framework overhead alone. bare-fixed (TRL's batches) runs the stock HF forward, as TRL.
     mirror = spec["batching"] != "fixed"
     if mirror:
-        from rm_scale.last_layer import use_sparse_last_layer
-        from rm_scale.packed_attention import use_packed_attention
+        from rm_scale.model.last_layer import use_sparse_last_layer
+        from rm_scale.model.packed_attention import use_packed_attention
 
         use_sparse_last_layer(model)
         if spec["batching"] == "packed":
@@ -411,11 +411,11 @@ def run_zero3_memory(spec: dict[str, Any], counter: GatherCounter | None) -> dic
     spec = {**spec, "batching": "fixed", "block_size": 64}
     from transformers import AutoTokenizer
 
-    from rm_scale.bench.model import fold_vocab
+    from bench.model import fold_vocab
     from rm_scale.config import RewardConfig
     from rm_scale.model import load_reward_model
-    from rm_scale.stream import PairFiles
-    from rm_scale.trainer import RewardTrainer
+    from rm_scale.data.stream import PairFiles
+    from rm_scale.train.trainer import RewardTrainer
 
     args = RewardConfig(**_common_args(spec), truncation="keep_end", stream_block_size=64, save_on_signal=False)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
@@ -437,7 +437,7 @@ def run_pipeline(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
     import torch
     from transformers import AutoTokenizer
 
-    from rm_scale.stream import PairStream, StreamConfig
+    from rm_scale.data.stream import PairStream, StreamConfig
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     results = []
@@ -495,7 +495,7 @@ def _load(spec: dict[str, Any]) -> Any:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from rm_scale.bench.model import fold_vocab
+    from bench.model import fold_vocab
 
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
     fold_vocab(model, spec["vocab"])

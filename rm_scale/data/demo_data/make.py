@@ -2,7 +2,7 @@
 
 A clear, learnable preference: the chosen reply answers the question helpfully and politely; the rejected reply is a
 rude or evasive brush-off. Eval topics are disjoint from train topics, so held-out accuracy measures generalisation,
-not memorisation. Deterministic: `python -m rm_scale.demo_data.make` rewrites the same files.
+not memorisation. Deterministic: `python -m rm_scale.data.demo_data.make` rewrites the same files.
 """
 
 from __future__ import annotations

@@ -23,14 +23,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sized
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from transformers.integrations import WandbCallback
 from transformers.integrations.integration_utils import rewrite_logs
-
-if TYPE_CHECKING:
-    from rm_scale.trainer import RewardTrainer
 
 STATE_KEY = "rm_scale_wandb"
 RUN_ID_FILE = "wandb_run_id"
@@ -43,9 +40,10 @@ _SECRET_WORDS = {"token", "key", "apikey", "secret", "password", "passwd", "auth
 class RewardWandbCallback(WandbCallback):
     """transformers' `WandbCallback` plus run id/group/resume, the recipe, reward histograms and sample pairs."""
 
-    def __init__(self, trainer: RewardTrainer, *, recipe: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, recipe: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self._trainer = trainer  # read at each evaluation: trainer.last_eval holds the gathered (chosen, rejected)
+        # Set by the trainer after each evaluation loop: (metric prefix, data set, gathered rewards[:, (c, r)]).
+        self.last_eval: Any = None
         self.recipe = recipe
 
     def setup(self, args: Any, state: Any, model: Any, **kwargs: Any) -> None:
@@ -74,7 +72,7 @@ class RewardWandbCallback(WandbCallback):
             state.stateful_callbacks[STATE_KEY] = {"run_id": self._wandb.run.id}
 
     def on_evaluate(self, args: Any, state: Any, control: Any, processing_class: Any = None, **kwargs: Any) -> None:
-        last = self._trainer.last_eval
+        last = self.last_eval
         if not state.is_world_process_zero or self._wandb.run is None or last is None:
             return
         rewards = last.rewards
@@ -106,10 +104,9 @@ class RewardWandbCallback(WandbCallback):
         return self._wandb.Table(columns=["pair", "chosen", "rejected", "reward_chosen", "reward_rejected"], data=rows)
 
 
-def use_reward_wandb_callback(trainer: RewardTrainer) -> RewardWandbCallback:
-    """Put a `RewardWandbCallback` where transformers' `WandbCallback` is in ``trainer``'s callbacks."""
-    callbacks = trainer.callback_handler.callbacks
-    ours = RewardWandbCallback(trainer)
+def use_reward_wandb_callback(callbacks: list[Any]) -> RewardWandbCallback:
+    """Put a `RewardWandbCallback` where transformers' `WandbCallback` is in a trainer's ``callbacks`` list."""
+    ours = RewardWandbCallback()
     stock = [i for i, cb in enumerate(callbacks) if type(cb) is WandbCallback]
     if stock:
         callbacks[stock[0]] = ours

@@ -27,8 +27,8 @@ def _quantile(values: list[float], q: float) -> float:
 def summarize_run(records: list[dict[str, Any]], *, warmup: int, model: dict[str, Any]) -> dict[str, Any]:
     """One run (all its ranks): steps from ``warmup`` on. A step's time is the slowest rank's (ZeRO-3 ranks wait for
     each other every step anyway); pairs and tokens are summed over ranks."""
-    from rm_scale.bench.model import model_flops
-    from rm_scale.stream import rank_balance
+    from bench.model import model_flops
+    from rm_scale.data.batching import rank_balance
 
     model_params = model["params"]
     durations = []
@@ -322,7 +322,7 @@ def markdown(results: dict[str, Any]) -> str:
         "ds_configs/zero3.json with stage3_param_persistence_threshold 0"
         + "".join(f", {k} {v}" for k, v in (s.get("zero3") or {}).items()) + ".",
         "Model TFLOP/s: 6 x matrix parameters x real tokens + causal attention, the same count for every contender "
-        "(rm_scale.bench.model.model_flops); MFU = that / the GPUs' dense peak.",
+        "(bench.model.model_flops); MFU = that / the GPUs' dense peak.",
         "",
         "## Contenders",
         "",

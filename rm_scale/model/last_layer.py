@@ -10,7 +10,7 @@ positions and zeros elsewhere (the final norm and the score head then run on it 
 ``reward_positions`` -- generation, a user's own forward, hidden-state extraction -- run the original layer.
 
 Same rewards and gradients as the full layer (tested against it for Llama, Mistral, Qwen2 and Qwen3 layers, padded
-left and right, packed with and without rm_scale.packed_attention, grouped-query attention). Saves about
+left and right, packed with and without rm_scale.model.packed_attention, grouped-query attention). Saves about
 (1 - kv share) / num_layers of the model's compute: ~20 % of a 4-layer model, ~3 % of a 30-layer one.
 Supported layers: the Llama family's pre-norm layer (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer,
 Qwen3DecoderLayer); any other model keeps its full last layer.

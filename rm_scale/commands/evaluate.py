@@ -3,8 +3,8 @@
     rm-scale eval --model outputs/run/final --data test.jsonl [--json] [--batch-size 16] [--max-length 1024]
 
 Loads a full model folder or a PEFT adapter folder (`adapter_config.json`; the base model is read from the path the
-adapter names), tokenises the files like training does (any format `rm_scale.data.prepare_dataset` understands),
-and reads every reward with `rm_scale.model.forward_rewards`, one forward per batch over chosen and rejected
+adapter names), tokenises the files like training does (any format `rm_scale.data.formats.prepare_dataset` understands),
+and reads every reward with `rm_scale.model.reward.forward_rewards`, one forward per batch over chosen and rejected
 together. Prints accuracy (ties count half), per `subset` column when there is one, the number of pairs and the reward
 statistics; `--json` prints them as one JSON object. Writes a PNG (default `<model>/reward_eval.png`): the chosen and
 rejected reward distributions and, when the run's `metrics.jsonl` is in the model folder's parent (the model is
@@ -27,6 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.trainer_utils import EvalPrediction
+
+from rm_scale.commands.recipe import load_preference_files
+from rm_scale.data.collate import RewardDataCollatorWithPadding
+from rm_scale.data.formats import prepare_dataset
+from rm_scale.model.last_layer import use_sparse_last_layer
+from rm_scale.model.reward import base_model, ensure_pad_token, forward_rewards, read_reward_stats
+from rm_scale.train.metrics import compute_reward_metrics
 
 PLOT_NAME = "reward_eval.png"
 
@@ -46,12 +54,8 @@ def load_scoring_model(model_dir: str, *, dtype: str = "float32") -> tuple[torch
     else:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer.pad_token is None:  # as RewardTrainer does; rewards are read by attention mask, not pad position
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)  # as RewardTrainer does
     model.eval()
-    from rm_scale.last_layer import use_sparse_last_layer
-    from rm_scale.model import base_model
-
     use_sparse_last_layer(base_model(model))  # only the read token of each sequence goes through the last layer
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
@@ -65,9 +69,6 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, data: Any, *, batch_size
 
     Pairs are batched by length (less padding); each batch is one forward over chosen and rejected together.
     """
-    from rm_scale.data import RewardDataCollatorWithPadding
-    from rm_scale.model import forward_rewards
-
     collate = RewardDataCollatorWithPadding(tokenizer)
     lengths = [max(len(c), len(r)) for c, r in zip(data["input_ids_chosen"], data["input_ids_rejected"])]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -86,10 +87,6 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, data: Any, *, batch_size
 
 def summarize(rewards: np.ndarray, subsets: Sequence[Any] | None) -> dict[str, Any]:
     """`compute_reward_metrics` over all pairs (accuracy with ties as half, margin, reward mean/std), and per subset."""
-    from transformers.trainer_utils import EvalPrediction
-
-    from rm_scale.trainer import compute_reward_metrics
-
     def metrics(preds: np.ndarray) -> dict[str, float]:
         return compute_reward_metrics(EvalPrediction(predictions=preds, label_ids=None))
 
@@ -157,10 +154,6 @@ def evaluate_model(
     dtype: str = "float32",
 ) -> dict[str, Any]:
     """Score ``model_dir`` on ``data_files``; returns the summary (see `summarize`) and writes the PNG."""
-    from rm_scale.data import prepare_dataset
-    from rm_scale.model import read_reward_stats
-    from rm_scale.recipe import load_preference_files
-
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model {model_dir!r} is not a folder (expected <output_dir>/final or an adapter folder).")
     if batch_size < 1:

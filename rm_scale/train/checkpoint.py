@@ -212,9 +212,15 @@ def truncate_metrics(output_dir: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-def check_world_size(checkpoint: str | os.PathLike, world_size: int, *, per_rank: str | None) -> None:
+def check_world_size(checkpoint: str | os.PathLike, world_size: int, *, streamed: bool, zero_stage: int | None) -> None:
     """A ValueError saying what to do when ``checkpoint`` was saved by another number of processes and cannot be
-    resumed by this one (``per_rank``: why not, e.g. "ZeRO-3 shards are per rank"; None: it can, with a warning)."""
+    resumed by this one: streamed data positions and ZeRO-3 shards are per rank; anything else resumes with a
+    warning."""
+    per_rank = None
+    if streamed:
+        per_rank = "streamed data positions are per rank"
+    elif zero_stage == 3:
+        per_rank = "ZeRO-3 shards are per rank"
     saved = (read_marker(checkpoint) or {}).get("world_size")
     if saved is None or saved == world_size:
         return
@@ -242,3 +248,16 @@ def check_writable(output_dir: str | os.PathLike) -> None:
             "model go there: set train.output_dir (--output_dir) to a folder this job can write, on a file system "
             "every node sees."
         ) from e
+
+
+def publish(staging: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+    """Move a finished model folder into place: a reader sees the old folder or the new one, never half of one."""
+    staging, final_dir = str(staging), str(final_dir)
+    old = final_dir + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(final_dir):
+        os.replace(final_dir, old)
+    os.replace(staging, final_dir)
+    if os.path.isdir(old):
+        shutil.rmtree(old)

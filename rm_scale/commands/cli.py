@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
+from rm_scale.data.batching import BATCHING
+
 
 def main(argv: list[str] | None = None) -> int:
-    from rm_scale.stream import BATCHING
-
     parser = argparse.ArgumentParser(prog="rm-scale", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a reward model from a recipe")
@@ -61,40 +61,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "train":
-        from rm_scale.preemption import restore_default_sigterm
-        from rm_scale.recipe import load_recipe
+        from rm_scale.commands.recipe import load_recipe  # lazy, as every command below: --help imports no torch
+        from rm_scale.train.preemption import restore_default_sigterm  # lazy: imports torch
 
         restore_default_sigterm()
 
         recipe = load_recipe(args.config, rest)
         if args.dry_run:
             return dry_run(recipe, launch_config=args.launch_config)
-        from rm_scale.run import train_from_recipe
+        from rm_scale.commands.run import train_from_recipe  # lazy: imports torch
 
         train_from_recipe(recipe)
         return 0
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "eval":
-        from rm_scale.evaluate import run_eval
+        from rm_scale.commands.evaluate import run_eval  # lazy: imports torch
 
         return run_eval(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
                         as_json=args.json, plot_path=args.plot, dtype=args.dtype)
     if args.command == "inspect-data":
-        from rm_scale.inspect_data import run_inspect
+        from rm_scale.commands.inspect_data import run_inspect  # lazy: imports torch
 
         return run_inspect(args.paths, model=args.model, world_size=args.world_size,
                            pairs_per_batch=args.pairs_per_batch, max_length=args.max_length, batching=args.batching,
                            token_budget=args.token_budget, strict=args.strict, as_json=args.json)
-    from rm_scale.demo import run_demo
+    from rm_scale.commands.demo import run_demo  # lazy: the demo imports nothing heavy, but keep --help minimal
 
     return run_demo(output_dir=args.output_dir, num_processes=args.num_processes)
 
 
 def dry_run(recipe: dict[str, Any], *, launch_config: str | None = None) -> int:
     """Print the recipe after overrides, the resolved RewardConfig and the final DeepSpeed dict."""
-    from rm_scale.config import RewardConfig
-    from rm_scale.dsconfig import resolve_ds_config
+    from rm_scale.config import RewardConfig  # lazy: imports torch and transformers
+    from rm_scale.dsconfig import resolve_ds_config  # lazy, with the line above
 
     ds_path, world_size = recipe["train"].get("deepspeed"), int(os.environ.get("WORLD_SIZE", "1"))
     if launch_config:

@@ -1,6 +1,6 @@
 """Attention for packed rows that computes each sequence's causal block only (variable-length attention with SDPA).
 
-A packed row (rm_scale.stream.pack_pairs) holds several sequences end to end; each may attend only to itself. With
+A packed row (rm_scale.data.collate.pack_pairs) holds several sequences end to end; each may attend only to itself. With
 stock `sdpa`, transformers builds the row's block-diagonal causal mask from the restarting position_ids and SDPA then
 computes the whole row x row score matrix and throws most of it away: for rows of 512 tokens holding sequences of ~120,
 ~4/5 of the attention work is masked out. This implementation gets the same numbers by running SDPA once per sequence
@@ -10,7 +10,7 @@ computes the whole row x row score matrix and throws most of it away: for rows o
 It is registered with transformers as ``"rm_scale_packed_sdpa"`` (an `AttentionInterface` function plus the `sdpa` mask
 function) and is a plain `sdpa` for every call that does not carry ``packed_segments``: evaluation, padded batches and
 generation are unchanged. `RewardTrainer` switches a model from `sdpa` to it when `batching="packed"`;
-`rm_scale.model.forward_packed_rewards` passes ``packed_segments`` (each row's sequence boundaries, from the
+`rm_scale.model.reward.forward_packed_rewards` passes ``packed_segments`` (each row's sequence boundaries, from the
 position_ids) when the model uses it. The implementation name is not saved with the model (transformers keeps it out of
 config.json), so a saved model loads with whatever attention its user picks.
 """

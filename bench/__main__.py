@@ -1,5 +1,5 @@
-"""`python -m rm_scale.bench [--quick | --smoke | --gpu]`: run every contender, the data-pipeline and ZeRO-3 memory
-measurements, and write ``<out>/results.{json,md,png}``. See `rm_scale.bench` and docs/benchmarks.md."""
+"""`python -m bench [--quick | --smoke | --gpu]`: run every contender, the data-pipeline and ZeRO-3 memory
+measurements, and write ``<out>/results.{json,md,png}``. See `bench` and docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "pairs.jsonl.gz"
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
-    kind: str  # "trl" | "rm_scale" | "bare" (rm_scale.bench.worker)
+    kind: str  # "trl" | "rm_scale" | "bare" (bench.worker)
     ranks: int  # 1: a plain process; 2: accelerate launch, ZeRO-3 over gloo
     batching: str = "fixed"  # rm_scale's stream batching; TRL always pads fixed-size random batches
 
@@ -53,7 +53,7 @@ class Settings:
     steps: int
     warmup: int  # steps measured from this index on (0-based); earlier ones are start-up
     repeats: int
-    model: str  # "BENCH" | "SMOKE" (rm_scale.bench.model)
+    model: str  # "BENCH" | "SMOKE" (bench.model)
     max_length: int = 512
     pairs_per_device: int = 8
     lr: float = 1e-5
@@ -114,7 +114,7 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rm_scale.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="10 steps, 1 repeat (make bench-quick)")
     mode.add_argument("--smoke", action="store_true", help="a tiny model, 4 steps, grouped processes (CI)")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(args.data)
     if not data.is_file():
-        print(f"rm_scale.bench: skipped: {data} not found. The benchmark needs the hh-rlhf pairs of ../shared/data "
+        print(f"bench: skipped: {data} not found. The benchmark needs the hh-rlhf pairs of ../shared/data "
               "(see ../shared/data/README.md).")
         return 0
     name = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.device == "cuda":
         gpus = _cuda_devices()
         if not gpus:
-            raise SystemExit("rm_scale.bench --gpu: no CUDA device visible (torch.cuda.device_count() is 0). Run it on "
+            raise SystemExit("bench --gpu: no CUDA device visible (torch.cuda.device_count() is 0). Run it on "
                              "a GPU machine with a CUDA build of torch, or use make bench on CPUs.")
         settings.peak_tflops = peak_bf16_tflops(gpus[0])
     for item in args.zero3:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown := wanted - {c.name for c in contenders}:
             raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {[c.name for c in CONTENDERS]}")
 
-    from rm_scale.bench import report
+    from bench import report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     report.write(results, out)
     print(report.text_table(results))
-    print(f"rm_scale.bench: wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    print(f"bench: wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return 1 if results["errors"] else 0
 
 
 def rerender(path: Path, out: Path) -> int:
-    from rm_scale.bench import report
+    from bench import report
 
     results = json.loads(path.read_text())
     results["summary"] = report.summarize(results)
@@ -212,11 +212,11 @@ def _cuda_devices() -> list[str]:
 
 def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path, work: Path,
             extras: bool, tokenizer: Path | None = None) -> dict[str, Any]:
-    from rm_scale.bench import model as bench_model
-    from rm_scale.bench import report
+    from bench import model as bench_model
+    from bench import report
 
     if tokenizer is None:
-        from rm_scale.pretrained import smollm2_path
+        from rm_scale.model.pretrained import smollm2_path
 
         tokenizer = smollm2_path()
     model_dir = work / "model"
@@ -299,7 +299,7 @@ def _pipeline(settings: Settings, base: dict[str, Any], work: Path, launch: Path
 def _zero3_memory(settings: Settings, base: dict[str, Any], work: Path, launch: Path,
                   tokenizer_dir: Path) -> dict[str, Any]:
     """Model + optimizer state per rank under ZeRO-3 at world size 1 and 2, for a model large enough to show it."""
-    from rm_scale.bench import model as bench_model
+    from bench import model as bench_model
 
     model_dir = work / "memory_model"
     info = bench_model.build_model_dir(model_dir, bench_model.MEMORY, tokenizer_dir=tokenizer_dir, seed=settings.seed)
@@ -370,21 +370,21 @@ def _launch(specs: list[dict[str, Any]], *, ranks: int, work: Path, launch: Path
     (``zero3_single``: also for one rank). Returns exit code, wall seconds and the load average around it."""
     spec_path = work / f"spec-{specs[0]['name']}.json"
     spec_path.write_text(json.dumps(specs))
-    worker = ["-m", "rm_scale.bench.worker", str(spec_path)]
+    worker = ["-m", "bench.worker", str(spec_path)]
     if ranks == 1 and not zero3_single:
         cmd = [sys.executable, *worker]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "--num_processes",
                str(ranks), "--main_process_port", str(_free_port()), *worker]
     names = ", ".join(s["name"] for s in specs)
-    print(f"rm_scale.bench: [{label}] {names} ({ranks} rank{'s' if ranks > 1 else ''}) ...", flush=True)
+    print(f"bench: [{label}] {names} ({ranks} rank{'s' if ranks > 1 else ''}) ...", flush=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(device), capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     if proc.returncode != 0:
-        print(f"rm_scale.bench: {names} exited {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        print(f"bench: {names} exited {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
         if FAILED_LOGS is not None:  # the whole log of a failed launch, beside the results
             FAILED_LOGS.mkdir(parents=True, exist_ok=True)
             (FAILED_LOGS / f"{specs[0]['name']}.log").write_text(proc.stdout + proc.stderr)

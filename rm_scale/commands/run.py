@@ -1,0 +1,141 @@
+"""`train_from_recipe`: recipe → (RewardConfig, model spec, data spec) once → model, data → RewardTrainer → evaluation
+→ exported model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from rm_scale.commands.recipe import DataSpec, resolve_data, resolve_model
+from rm_scale.config import RewardConfig
+from rm_scale.data.sources import Source, resolve_files
+from rm_scale.data.stream import PairFiles, materialize_pairs, stream_config
+from rm_scale.distributed import shutdown
+from rm_scale.model.reward import REWARD_STATS_FILE, load_reward_model, set_reward_stats
+from rm_scale.train import checkpoint as ckpt
+from rm_scale.train.trainer import RewardTrainer
+from rm_scale.train.wandb_logging import set_wandb_recipe
+
+logger = logging.getLogger(__name__)
+
+MAP_STYLE_LIMIT = 2 * 2**30  # bytes of input files; larger inputs must stream
+
+
+def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Run a whole job; returns the final evaluation metrics (empty without eval data)."""
+    _quiet_logs()
+    # RewardConfig first: it starts the process group and, under ZeRO-3, makes from_pretrained load partitioned.
+    args = RewardConfig(**recipe["train"])
+    model_spec, data_spec = resolve_model(recipe), resolve_data(recipe, args)
+    _preflight(args, data_spec)  # clear errors now, not after the model is loaded
+    tokenizer = AutoTokenizer.from_pretrained(model_spec.path, trust_remote_code=model_spec.trust_remote_code)
+    model = load_reward_model(model_spec.path, dtype=model_spec.dtype, score_head_seed=args.score_head_seed,
+                              trust_remote_code=model_spec.trust_remote_code)
+    train_data, eval_data, data_report = _data(data_spec, args, tokenizer)
+    trainer = RewardTrainer(model=model, args=args, tokenizer=tokenizer, train_dataset=train_data,
+                            eval_dataset=eval_data, peft_config=_lora(recipe))
+    set_wandb_recipe(trainer, recipe)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = trainer.evaluate() if eval_data is not None else {}
+    data_report["train_stream_per_rank"] = trainer.stream_report()  # collective: every rank
+    stats = _reward_stats(metrics, pairs=len(trainer.eval_dataset)) if metrics else {}
+    set_reward_stats(trainer.model, stats)  # every rank: under ZeRO-3 save_model is collective
+    final_dir = os.path.join(args.output_dir, "final")
+    trainer.save_final_model(final_dir, reward_stats=stats,
+                             stats_file=REWARD_STATS_FILE if recipe.get("lora") is not None else None)
+    if trainer.is_world_process_zero():
+        _write_reports(args.output_dir, metrics, data_report)
+        print(f"rm_scale: model saved to {final_dir}")
+        if metrics:
+            print(f"rm_scale: held-out accuracy {metrics['eval_accuracy']:.3f} on {len(eval_data)} pairs")
+        print(f"rm_scale: metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    shutdown()
+    return metrics
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed calls torch's renamed collectives on every step; the rename warning would flood the log.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true but no accelerator")
+
+
+def _lora(recipe: dict[str, Any]) -> Any:
+    if recipe.get("lora") is None:
+        return None
+    from peft import LoraConfig, TaskType  # lazy: peft only for LoRA recipes
+
+    return LoraConfig(task_type=TaskType.SEQ_CLS, **recipe["lora"])
+
+
+def _write_reports(output_dir: str, metrics: dict[str, Any], data_report: dict[str, Any]) -> None:
+    with open(os.path.join(output_dir, "final_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(output_dir, "data_report.json"), "w") as f:
+        json.dump(data_report, f, indent=2)
+    for name, part in data_report.items():
+        dropped = part.get("dropped") if isinstance(part, dict) else None
+        if dropped:
+            print(f"rm_scale: {name}: skipped rows by reason {dropped} (see data_report.json)")
+
+
+def _preflight(args: RewardConfig, data: DataSpec) -> None:
+    """Check what would otherwise fail late, on every rank: output_dir is writable, and the checkpoint to resume from
+    (``resume_from_checkpoint: auto`` resolved here, once) fits this world size. (The data paths were checked when
+    the data section was resolved.)"""
+    ckpt.check_writable(args.output_dir)
+    args.resume_from_checkpoint = ckpt.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint is not None:
+        plugin = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments only under DeepSpeed
+        ckpt.check_world_size(args.resume_from_checkpoint, args.world_size, streamed=data.streaming,
+                              zero_stage=getattr(plugin, "zero_stage", None))
+
+
+def _reward_stats(metrics: dict[str, float], *, pairs: int) -> dict[str, float]:
+    """Final-evaluation reward statistics saved with the model (rm_scale.model.read_reward_stats reads them)."""
+    return {
+        "rm_scale_reward_mean": metrics["eval_rewards_mean"],
+        "rm_scale_reward_std": metrics["eval_rewards_std"],
+        "rm_scale_eval_accuracy": metrics["eval_accuracy"],
+        "rm_scale_eval_pairs": pairs,
+    }
+
+
+def _data(data: DataSpec, args: RewardConfig, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Training data (a per-rank stream, or a map-style set) and evaluation set, with their drop counts.
+
+    `data.eval` is files, or `split`: the prompts that `train.eval_fraction` holds out of the training sources.
+    """
+    report: dict[str, Any] = {}
+    if data.streaming:
+        train = PairFiles(data.train)
+    else:
+        _check_fits_in_memory(data.train)
+        train, stats = materialize_pairs(stream_config(data.train, args, split="train"), tokenizer)
+        report["train"] = dataclasses.asdict(stats)
+    if data.eval is None:
+        return train, None, report
+    if data.eval == "split":
+        config = stream_config(data.train, args, split="eval")
+    else:
+        config = stream_config(data.eval, args, split="train", eval_fraction=0.0)
+    evaluation, stats = materialize_pairs(config, tokenizer)
+    report["eval"] = dataclasses.asdict(stats)
+    return train, evaluation, report
+
+
+def _check_fits_in_memory(sources: list[Source]) -> None:
+    """Without streaming every pair is tokenised into memory first: refuse inputs too large for that."""
+    total = sum(os.path.getsize(f) for s in sources for f in resolve_files(s.paths) if os.path.isfile(f))
+    if total > MAP_STYLE_LIMIT:
+        raise ValueError(
+            f"The training files hold {total / 2**30:.1f} GiB: too large to tokenise into memory. Stream them: set "
+            "train.max_steps (a stream has no length) and leave data.streaming at auto (or true)."
+        )
+

@@ -1,0 +1,180 @@
+"""What a reward-model run reports: training metrics as device-side sums reduced across ranks once per logging step
+(never a mean of per-rank means), and evaluation metrics from the rewards the evaluation loop gathered.
+
+Accuracy counts ties as half a correct pair everywhere (`rm_scale.loss.correct_pairs`).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from transformers.trainer_utils import EvalPrediction
+
+from rm_scale.distributed import all_reduce_max, all_reduce_sum
+from rm_scale.loss import PairLossSums, correct_pairs
+
+# Training reward histogram: fixed bins (so counts from ranks and steps simply add), plus under- and overflow.
+HIST_EDGES = [x / 2 for x in range(-16, 17)]  # -8.0 .. 8.0 by 0.5
+
+# Order of the per-step metric sums kept on device and reduced once per logging step.
+SUM_KEYS = ("pairs", "bt", "center", "correct", "margin", "chosen", "chosen_sq", "rejected", "rejected_sq",
+            "real_tokens", "padded_tokens")
+
+
+class EvalRewards(NamedTuple):
+    """What the latest evaluation loop saw: its metric prefix, its data set and ``rewards[:, (chosen, rejected)]``."""
+
+    prefix: str
+    dataset: Any
+    rewards: np.ndarray | None
+
+
+def pairwise_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> float:
+    """Share of pairs whose chosen reward is higher; a tie counts half."""
+    diff = torch.from_numpy(np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64))
+    return float(correct_pairs(diff)) / max(diff.numel(), 1)
+
+
+def compute_reward_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Accuracy (ties count half), mean margin and reward statistics from ``predictions[:, (chosen, rejected)]``."""
+    preds = np.asarray(eval_pred.predictions, dtype=np.float64)
+    chosen, rejected = preds[:, 0], preds[:, 1]
+    both = np.concatenate([chosen, rejected])
+    return {
+        "accuracy": pairwise_accuracy(chosen, rejected),
+        "margin": float((chosen - rejected).mean()),
+        "rewards_chosen_mean": float(chosen.mean()),
+        "rewards_rejected_mean": float(rejected.mean()),
+        "rewards_mean": float(both.mean()),
+        "rewards_std": float(both.std()),
+    }
+
+
+def subset_accuracy(ev: EvalRewards) -> dict[str, float]:
+    """`<prefix>_accuracy_<subset>` for each value of a `subset` column (ties count half)."""
+    columns = getattr(ev.dataset, "column_names", None) or []
+    if ev.rewards is None or "subset" not in columns:
+        return {}
+    subsets = ev.dataset["subset"]
+    if len(subsets) != len(ev.rewards):
+        return {}
+    preds = np.asarray(ev.rewards, dtype=np.float64)
+    out = {}
+    for name in sorted({s for s in subsets if s is not None}):
+        rows = [i for i, s in enumerate(subsets) if s == name]
+        out[f"{ev.prefix}_accuracy_{name}"] = pairwise_accuracy(preds[rows, 0], preds[rows, 1])
+    return out
+
+
+def histogram(values: torch.Tensor) -> torch.Tensor:
+    """Counts per HIST_EDGES bin, with under- and overflow bins: device-side, no host sync."""
+    edges = torch.tensor(HIST_EDGES, device=values.device, dtype=values.dtype)
+    index = torch.bucketize(values, edges, right=True)  # 0: below the first edge; len(edges): at or above the last
+    return torch.bincount(index, minlength=len(HIST_EDGES) + 1).float()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def pair_metrics(s: dict[str, float], center_coef: float | None) -> dict[str, float]:
+    """Means over the pairs of a logging window from its summed records."""
+    n = max(s["pairs"], 1.0)
+    out = {
+        "loss_bt": s["bt"] / n,
+        "accuracy": s["correct"] / n,
+        "margin": s["margin"] / n,
+        "rewards_chosen_mean": s["chosen"] / n,
+        "rewards_rejected_mean": s["rejected"] / n,
+        "rewards_chosen_std": max(s["chosen_sq"] / n - (s["chosen"] / n) ** 2, 0.0) ** 0.5,
+        "rewards_rejected_std": max(s["rejected_sq"] / n - (s["rejected"] / n) ** 2, 0.0) ** 0.5,
+        "pairs": s["pairs"],
+    }
+    if center_coef:
+        out["loss_center"] = s["center"] / n
+    out["loss_exact"] = out["loss_bt"] + (center_coef or 0.0) * s["center"] / n
+    return out
+
+
+class TrainMetrics:
+    """The training metrics of one logging window, kept as (sum, count) records and reduced once per log.
+
+    - pair records (`add_pairs`): device tensors, no host sync per micro-step;
+    - rank balance (`add_balance`): each step's mean and busiest rank's computed tokens, from the step's all-gather;
+    - whole-step terms (`add_terms`): host numbers, once per optimizer step.
+    `reduce` is a collective: every rank calls it at the same logging step.
+    """
+
+    def __init__(self, *, center_coef: float | None) -> None:
+        self.center_coef = center_coef
+        self._sums: torch.Tensor | None = None
+        self._balance: torch.Tensor | None = None
+        self._terms: dict[str, float] = {}
+        self._terms_step = -1
+        self._last_log_time: float | None = None
+
+    def add_pairs(self, sums: PairLossSums, chosen: torch.Tensor, rejected: torch.Tensor,
+                  tokens: torch.Tensor) -> None:
+        chosen, rejected = chosen.detach().float(), rejected.detach().float()
+        step = torch.stack([
+            torch.tensor(float(sums.num_pairs), device=chosen.device),
+            sums.bt.detach().float(), sums.center.detach().float(), sums.correct.float(), sums.margin.float(),
+            chosen.sum(), (chosen**2).sum(), rejected.sum(), (rejected**2).sum(),
+            tokens[0].float().to(chosen.device), tokens[1].float().to(chosen.device),
+        ])
+        step = torch.cat([step, histogram(chosen), histogram(rejected)])
+        self._sums = step if self._sums is None else self._sums + step
+
+    def add_balance(self, rank_tokens: torch.Tensor) -> None:
+        """``rank_tokens``: every rank's computed tokens of one step (the same tensor on every rank)."""
+        balance = torch.stack([rank_tokens.mean(), rank_tokens.max()])  # device-side: no host sync here
+        self._balance = balance if self._balance is None else self._balance + balance
+
+    def add_terms(self, step: int, values: dict[str, float], total: float) -> None:
+        """The whole-step terms of optimizer step ``step``; later calls in the same step are ignored."""
+        if self._terms_step == step:
+            return
+        self._terms_step = step
+        for key, value in values.items():
+            self._terms[key] = self._terms.get(key, 0.0) + value
+        self._terms["steps"] = self._terms.get("steps", 0.0) + 1
+        self._terms["total"] = self._terms.get("total", 0.0) + total
+
+    def reduce(self, device: torch.device, *, world_size: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics, reward histogram) of the window since the last call, over all ranks; starts a new window."""
+        width = len(SUM_KEYS) + 2 * (len(HIST_EDGES) + 1)
+        sums = self._sums if self._sums is not None else torch.zeros(width, device=device)
+        sums = all_reduce_sum(sums).tolist()
+        totals = dict(zip(SUM_KEYS, sums))
+        bins = len(HIST_EDGES) + 1
+        hist = {"edges": HIST_EDGES, "chosen": sums[len(SUM_KEYS):][:bins], "rejected": sums[-bins:]}
+        logs = pair_metrics(totals, self.center_coef)
+        if self._terms:
+            steps = self._terms.pop("steps")
+            logs["loss_exact"] += self._terms.pop("total") / steps
+            logs.update({k: v / steps for k, v in self._terms.items()})
+        logs.update(self._throughput(totals, device, world_size=world_size))
+        self._sums, self._balance, self._terms = None, None, {}
+        return logs, hist
+
+    def _throughput(self, totals: dict[str, float], device: torch.device, *, world_size: int) -> dict[str, float]:
+        """Pairs/s and real tokens/s since the last log, padding efficiency, peak memory over ranks, rank balance."""
+        now = time.perf_counter()
+        last, self._last_log_time = self._last_log_time, now
+        peak = all_reduce_max(torch.tensor(peak_memory_gb(device), device=device))
+        out = {"padding_efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1.0),
+               "peak_memory_gb": peak.item()}
+        if last is not None:
+            out["pairs_per_s"] = totals["pairs"] / (now - last)
+            out["tokens_per_s"] = totals["real_tokens"] / (now - last)
+        if self._balance is not None and world_size > 1:
+            mean, busiest = self._balance.tolist()  # the same on every rank (from the step's all-gather)
+            out["rank_balance"] = mean / max(busiest, 1.0)
+        return out

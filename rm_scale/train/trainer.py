@@ -1,0 +1,516 @@
+"""`RewardTrainer`: TRL's public API on transformers' `Trainer`, correct under DeepSpeed ZeRO-1/2/3.
+
+The only module that touches the Accelerator / DeepSpeed engine. Per step it runs ONE forward over chosen and rejected
+concatenated (under ZeRO-3 every forward all-gathers every parameter: two forwards would double that traffic), and it
+divides the loss once by the number of pairs in the whole optimizer step, counted across micro-batches and ranks.
+
+transformers hooks it relies on (tests/test_trainer.py fails if transformers stops calling them): `get_batch_samples`
+(the step's pair count), `_save_checkpoint` (atomic commit), `_save_rng_state` (each rank's data position).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
+
+from rm_scale.config import RewardConfig
+from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, padding_batch
+from rm_scale.data.formats import prepare_dataset
+from rm_scale.data.stream import PairFiles, PairStream, stream_config
+from rm_scale.distributed import all_gather_rows, all_reduce_sum
+from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
+from rm_scale.model.last_layer import use_sparse_last_layer
+from rm_scale.model.lora import add_lora
+from rm_scale.model.packed_attention import use_packed_attention
+from rm_scale.model.reward import (
+    base_model,
+    disable_dropout,
+    ensure_pad_token,
+    forward_packed_rewards,
+    forward_rewards,
+    load_reward_model,
+)
+from rm_scale.train import checkpoint as ckpt
+from rm_scale.train.metrics import EvalRewards, TrainMetrics, compute_reward_metrics, subset_accuracy
+from rm_scale.train.preemption import PreemptionCallback, TrainingPreempted, exit_on_signal_from_now_on, slurm_requeue
+from rm_scale.train.wandb_logging import STATE_KEY, use_reward_wandb_callback
+
+logger = logging.getLogger(__name__)
+
+DATA_STATE_FILE = "rm_scale_data_rank{rank}.json"  # each rank's stream position, in every checkpoint
+
+
+class RewardTrainer(Trainer):
+    """Trains a pairwise (Bradley-Terry) reward model; a drop-in for `trl.RewardTrainer`.
+
+    Neither ``args`` nor ``peft_config`` of the caller is changed: the trainer works on copies."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        args: RewardConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        tokenizer: Any = None,
+        model_init: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+    ) -> None:
+        args = _setup_args(args)
+        processing_class = _one_tokenizer(tokenizer, processing_class)
+        model, processing_class = _setup_model(model, args, processing_class, peft_config)
+        self._stream: PairStream | None = None
+        train_dataset = self._setup_train_data(train_dataset, processing_class, args)
+        eval_dataset = _setup_eval_data(eval_dataset, processing_class, args)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or RewardDataCollatorWithPadding(processing_class),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_metrics=compute_metrics or compute_reward_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self._setup_state()
+        self._setup_callbacks()
+
+    def _setup_train_data(self, dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
+        if not isinstance(dataset, PairFiles):
+            return _tokenize(dataset, tokenizer, args, "train")
+        if args.dataloader_num_workers > 1:
+            raise ValueError(
+                "Streaming keeps batch order exact with dataloader_num_workers 0 or 1 (1 tokenises in the "
+                f"background); got {args.dataloader_num_workers}."
+            )
+        # Each rank streams its own shard; transformers/accelerate must neither shard nor skip batches again.
+        args.ignore_data_skip = True
+        self._stream = PairStream(stream_config(dataset.files, args), tokenizer, rank=args.process_index,
+                                  world_size=args.world_size)
+        return self._stream
+
+    def _setup_state(self) -> None:
+        # compute_loss already divides by the pairs of the whole step: no further division by GAS.
+        self.loss_is_scaled_for_ga = True
+        self._metrics = TrainMetrics(center_coef=self.args.center_rewards_coefficient)
+        self._terms = GlobalTerms(
+            batch_mean=self.args.batch_mean_coefficient,
+            variance=self.args.reward_variance_coefficient,
+            target_std=self.args.target_reward_std,
+            target_std_coef=self.args.target_std_coefficient,
+        )
+        self._moments: BatchMoments | None = None  # of the current step, when the terms need a pre-pass
+        self._data_state: dict[str, Any] | None = None  # resume state after the last micro-batch consumed
+        self.last_eval: EvalRewards | None = None  # rewards of the latest evaluation (W&B histograms, tables)
+
+    def _setup_callbacks(self) -> None:
+        self._wandb_callback = None
+        if "wandb" in self.args.report_to:  # adds run id/group/resume, the recipe, reward histograms, sample pairs
+            self._wandb_callback = use_reward_wandb_callback(self.callback_handler.callbacks)
+        # SIGUSR1/SIGTERM -> checkpoint at the next optimizer step, stop, exit 75 (rm_scale.train.preemption).
+        self._preemption: PreemptionCallback | None = None
+        if self.args.save_on_signal:
+            self._preemption = PreemptionCallback()
+            self.add_callback(self._preemption)
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        is_padding = bool(inputs.pop("_pad", False))
+        chosen, rejected, tokens = pair_rewards(model, inputs)
+        rewards = torch.cat([chosen, rejected])
+        sums = bradley_terry_sums(chosen, rejected, margin=inputs.get("margin"))
+        center = self.args.center_rewards_coefficient
+        if num_items_in_batch is None:
+            if model.training:
+                raise RuntimeError(
+                    "RewardTrainer.compute_loss got no num_items_in_batch in training: transformers no longer passes "
+                    "the step's pair count from get_batch_samples. Use the transformers version in constraints.txt."
+                )
+            loss = total_loss(sums, num_pairs=chosen.shape[0], center_coef=center)  # evaluation: this batch's mean
+        else:
+            # DeepSpeed and DDP average gradients over ranks; multiplying by the world size undoes that, so the
+            # gradient is the one of sum(all pairs) / pairs-in-step, whatever the layout of the job.
+            loss = total_loss(sums, num_pairs=num_items_in_batch, center_coef=center)
+            if self._terms.enabled:
+                loss = loss + self._global_terms(rewards, is_padding)
+            loss = loss * self.accelerator.num_processes
+        if is_padding:
+            # A rank whose shard ran out still runs the forward/backward (ZeRO-3 collectives), with weight zero.
+            loss = loss * 0.0
+        elif model.training:
+            self._metrics.add_pairs(sums, chosen, rejected, tokens)
+        if return_outputs:
+            return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
+        return loss
+
+    def _global_terms(self, rewards: torch.Tensor, is_padding: bool) -> torch.Tensor:
+        moments = self._moments
+        if moments is None:  # one micro-batch per step: this forward has all of this rank's rewards of the step
+            r = rewards.detach().float() * (0.0 if is_padding else 1.0)
+            local = torch.stack([torch.tensor(0.0 if is_padding else float(r.numel()), device=r.device),
+                                 r.sum(), (r * r).sum()])
+            moments = BatchMoments(*all_reduce_sum(local).tolist())
+        surrogate, values = global_terms(rewards, moments, self._terms)
+        self._metrics.add_terms(self.state.global_step, values, global_terms_value(moments, self._terms))
+        return surrogate
+
+    # ---- the step's batches -----------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> Any:
+        if self._stream is None:
+            return super().get_train_dataloader()
+        # batch_size=None: the stream yields whole micro-batches. Not passed through accelerator.prepare: the
+        # stream already reads only this rank's shard.
+        return torch.utils.data.DataLoader(
+            self._stream,
+            batch_size=None,
+            num_workers=self.args.dataloader_num_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor if self.args.dataloader_num_workers else None,
+        )
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The step's micro-batches and its pair count over all micro-batches and ranks (transformers passes it to
+        `compute_loss` as ``num_items_in_batch``)."""
+        batches = []
+        for _ in range(num_batches):
+            batch = next(epoch_iterator, None)
+            if batch is None and self._stream is None:
+                break
+            if batch is None:  # this rank's shard is done for the epoch; others may not be
+                batch = padding_batch(self.processing_class)
+            elif self._stream is not None:
+                self._data_state = batch.pop("_state")
+            batches.append(batch)
+        num_pairs = self._count_step(batches, device) if batches else None
+        if self._stream is not None and int(num_pairs) == 0:
+            # Every rank is out of data (one agreed count, so no rank waits in a collective): end the epoch here and
+            # start the next pass of the stream.
+            self.control.should_epoch_stop = True
+            if self._data_state is not None:
+                self._stream.epoch = self._data_state["epoch"] + 1
+            return [], None
+        self._moments = None
+        if batches and self._terms.enabled and len(batches) > 1:
+            self._moments = self._step_moments(batches)
+        return batches, num_pairs
+
+    def _count_step(self, batches: list, device: torch.device) -> torch.Tensor:
+        """Pairs in the whole optimizer step: all micro-batches of this rank, summed over ranks. The same collective
+        brings every rank's computed (padded) tokens of the step, for `rank_balance`: under ZeRO-3 every collective
+        waits for the busiest rank, so mean / busiest is the share of the step that is not waiting."""
+        local = torch.tensor([float(sum(_real_pairs(b) for b in batches)),
+                              float(sum(computed_tokens(b) for b in batches))], device=device)
+        ranks = all_gather_rows(local)  # (world, 2): identical on every rank
+        self._metrics.add_balance(ranks[:, 1])
+        return ranks[:, 0].sum().to(torch.long)
+
+    def _step_moments(self, batches: list[dict[str, Any]]) -> BatchMoments:
+        """Mean and variance of every reward of the step (all micro-batches, all ranks) for the whole-step loss terms.
+
+        With gradient accumulation they are known only after every micro-batch ran: one no-grad forward per
+        micro-batch first (the cost of these terms; with one micro-batch per step they come from the step's own
+        forward instead). Every rank runs every forward, padding batches included: under ZeRO-3 a forward is a
+        collective."""
+        local = torch.zeros(3, device=self.args.device)
+        with torch.no_grad():
+            for batch in batches:
+                inputs = self._prepare_inputs({k: v for k, v in batch.items() if k != "_pad"})
+                chosen, rejected, _ = pair_rewards(self.model_wrapped, inputs)
+                rewards = torch.cat([chosen, rejected]).float()
+                if not batch.get("_pad", False):
+                    local += torch.stack([torch.tensor(float(rewards.numel()), device=local.device),
+                                          rewards.sum(), (rewards * rewards).sum()])
+        return BatchMoments(*all_reduce_sum(local).tolist())
+
+    def stream_report(self) -> list[dict[str, Any]] | None:
+        """Each rank's stream counts (pairs, drops by reason, real and padded tokens). Collective: call on every rank."""
+        if self._stream is None:
+            return None
+        from accelerate.utils import gather_object  # lazy: only streamed runs report per rank
+
+        mine = (self._data_state or {}).get("stats", {})
+        return gather_object([mine]) if self.args.world_size > 1 else [mine]
+
+    # ---- train, resume, checkpoints -----------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`, plus: ``resume_from_checkpoint="auto"`` (the latest COMPLETE checkpoint of output_dir,
+        else a fresh start; True needs one), and a signal-triggered checkpoint that ends in `TrainingPreempted`."""
+        resume_from_checkpoint = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            self._prepare_resume(resume_from_checkpoint)
+        if self._stream is not None and self.args.strict_data:
+            # strict: a bad row stops the run here, before any training step, with its file, line and field
+            for _ in PairStream(self._stream.config, self.processing_class, rank=self._stream.rank,
+                                world_size=self._stream.world_size):
+                pass
+        if self._preemption is not None:
+            self._preemption.reset()
+            self._preemption.install()
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if self._preemption is not None:
+                self._preemption.uninstall()
+                if self._preemption.stopped:  # checkpoint complete: a further signal must not turn exit 75 into a kill
+                    exit_on_signal_from_now_on()
+        if self._preemption is not None and self._preemption.stopped:
+            self._end_preempted()
+        return output
+
+    def _prepare_resume(self, checkpoint: str) -> None:
+        """Refuse a checkpoint of another world size where positions or shards are per rank, load this rank's data
+        position, and drop the metrics records logged after the checkpoint (those steps are logged again)."""
+        ckpt.check_world_size(checkpoint, self.args.world_size, streamed=self._stream is not None,
+                              zero_stage=self._zero_stage())
+        if self._stream is not None:
+            path = Path(checkpoint) / DATA_STATE_FILE.format(rank=self.args.process_index)
+            if not path.exists():
+                raise ValueError(
+                    f"{path} is missing: the checkpoint has no data position for rank {self.args.process_index} "
+                    "(saved with another world size?). Resume with the world size it was saved with."
+                )
+            self._data_state = json.loads(path.read_text())
+            self._stream.load_state_dict(self._data_state)
+        if self.args.should_save:
+            dropped = ckpt.truncate_metrics(self.args.output_dir, ckpt.resumed_step(checkpoint))
+            if dropped:
+                logger.info("metrics.jsonl: dropped %d records logged after %s.", dropped, checkpoint)
+
+    def _zero_stage(self) -> int | None:
+        if not self.is_deepspeed_enabled:
+            return None
+        return getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None)
+
+    def _end_preempted(self) -> None:
+        """After the signal-triggered checkpoint: requeue (rank 0, Slurm, SIGUSR1), wait for every rank, raise."""
+        pre = self._preemption
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{pre.stop_step}")
+        requeued = False
+        if self.is_world_process_zero() and pre.wants_requeue and self.args.requeue_on_signal:
+            requeued = slurm_requeue()
+        # No rank leaves before rank 0 has committed the checkpoint and requeued: a launcher that sees one worker exit
+        # stops the others.
+        self.accelerator.wait_for_everyone()
+        raise TrainingPreempted(folder, pre.signal_names, requeued)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """transformers' save, committed atomically: marker and ``latest`` only once EVERY rank finished its part,
+        rotation (save_total_limit) only after that, over complete checkpoints (rm_scale.train.checkpoint)."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            # A save of this step cut short, or one of a run resumed from an earlier step: never mix two saves.
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # transformers would rotate before the save is committed
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank has written its shards, RNG state and data position
+        if self.args.should_save:
+            wandb_state = (self.state.stateful_callbacks or {}).get(STATE_KEY) or {}  # the W&B run id travels too
+            ckpt.mark_complete(folder, {
+                "step": self.state.global_step,
+                "world_size": self.args.world_size,
+                "streamed": self._stream is not None,
+                "wandb_run_id": wandb_state.get("run_id"),
+            })
+            ckpt.rotate(run_dir, limit, keep=[folder, self.state.best_model_checkpoint])
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._stream is not None and self._data_state is not None:
+            path = Path(output_dir) / DATA_STATE_FILE.format(rank=self.args.process_index)
+            path.write_text(json.dumps(self._data_state))
+
+    def save_final_model(self, final_dir: str, *, reward_stats: dict[str, float], stats_file: str | None) -> None:
+        """Save the trained model (collective under ZeRO-3) to ``final_dir.partial`` and move it into place whole.
+        ``reward_stats`` go into the model config; with ``stats_file`` (adapters: no config.json of the model) into
+        that file of the folder too."""
+        staging = final_dir + ".partial"
+        if self.is_world_process_zero() and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self.save_model(staging)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            if reward_stats and stats_file:
+                with open(os.path.join(staging, stats_file), "w") as f:
+                    json.dump(reward_stats, f, indent=2)
+            ckpt.publish(staging, final_dir)
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        logits = torch.stack([out["rewards_chosen"], out["rewards_rejected"]], dim=1).float()
+        # Labels are unused; transformers only calls compute_metrics when they are not None.
+        return loss, logits, torch.zeros(logits.shape[0], device=logits.device)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # The predictions are already gathered from every rank (in data-set order): keeping them costs nothing.
+        self.last_eval = EvalRewards(metric_key_prefix, getattr(dataloader, "dataset", None), output.predictions)
+        if self._wandb_callback is not None:
+            self._wandb_callback.last_eval = self.last_eval
+        output.metrics.update(subset_accuracy(self.last_eval))
+        return output
+
+    # ---- logging ----------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        histogram = None
+        # The condition must not depend on this rank's data (a rank may have logged only padding batches):
+        # every rank reaches this collective at the same step or none does.
+        if "loss" in logs and "learning_rate" in logs:
+            metrics, histogram = self._metrics.reduce(self.args.device, world_size=self.accelerator.num_processes)
+            logs.update(metrics)
+        super().log(logs, start_time)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            record = {"step": self.state.global_step, **logs}
+            if histogram is not None:
+                # counts of training rewards per bin since the last log; bin i is [edges[i-1], edges[i]), bin 0
+                # and the last bin are under- and overflow
+                record["rewards_histogram"] = histogram
+            with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def pair_rewards(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen rewards, rejected rewards, [real tokens, computed tokens]) from ONE forward of a padded or a packed
+    micro-batch."""
+    if "packed_input_ids" in inputs:
+        ids, pos = inputs["packed_input_ids"], inputs["packed_position_ids"]
+        index = torch.cat([inputs["chosen_index"], inputs["rejected_index"]])
+        rewards = forward_packed_rewards(model, ids, pos, index)
+        real = inputs["packed_real_tokens"].reshape(()).float()
+    else:
+        ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
+        mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
+        rewards = forward_rewards(model, ids, mask)
+        real = mask.sum().float()
+    tokens = torch.stack([real, torch.tensor(float(computed_tokens(inputs)), device=real.device)])
+    n = rewards.shape[0] // 2
+    return rewards[:n], rewards[n:], tokens
+
+
+def _setup_args(args: RewardConfig | None) -> RewardConfig:
+    if args is None:
+        return RewardConfig(output_dir="rm_scale_output")
+    if not isinstance(args, RewardConfig):
+        raise ValueError(
+            f"RewardTrainer needs args=RewardConfig(...), got {type(args).__name__}. RewardConfig accepts every "
+            "TrainingArguments field: RewardConfig(**training_args.to_dict())."
+        )
+    return copy.copy(args)  # the trainer sets a few fields (ignore_data_skip, checkpointing kwargs) on its own copy
+
+
+def _one_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
+    if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+        raise ValueError("Pass the tokenizer once: tokenizer= or processing_class=, not two different objects.")
+    return processing_class if processing_class is not None else tokenizer
+
+
+def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: Any) -> tuple[nn.Module, Any]:
+    """The model to train (loaded when given as a path), with pad token, dropout off, LoRA and the compute savings."""
+    if model is None:
+        raise ValueError("RewardTrainer needs model= (a model or a path / hub name).")
+    if isinstance(model, str):
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
+        model = load_reward_model(model, score_head_seed=args.score_head_seed)
+    if tokenizer is None:
+        raise ValueError("RewardTrainer needs the tokenizer: pass tokenizer= (or processing_class=).")
+    ensure_pad_token(tokenizer)
+    base_model(model).config.pad_token_id = tokenizer.pad_token_id
+    base_model(model).config.use_cache = False  # no KV cache in training; some heads reject the kwarg
+    if args.disable_dropout:
+        disable_dropout(model)
+    if peft_config is not None:
+        if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
+            # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant.
+            # (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
+            args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+        model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing)
+    if args.batching == "packed" and args.packed_attention:
+        use_packed_attention(base_model(model))
+    if args.sparse_last_layer:
+        use_sparse_last_layer(base_model(model))
+    return model, tokenizer
+
+
+def _setup_eval_data(dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
+    if isinstance(dataset, Mapping):
+        return {k: _tokenize(v, tokenizer, args, f"eval {k}") for k, v in dataset.items()}
+    return _tokenize(dataset, tokenizer, args, "eval")
+
+
+def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:
+    if dataset is None or not hasattr(dataset, "map") or not hasattr(dataset, "__len__"):
+        return dataset
+    before = len(dataset)
+    with args.main_process_first(desc=f"tokenising the {name} data"):
+        dataset = prepare_dataset(dataset, tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc,
+                                  truncation=args.truncation)
+    dropped = before - len(dataset)
+    if dropped:
+        logger.warning(
+            "%s data: dropped %d of %d pairs with a side longer than max_length=%s tokens.",
+            name, dropped, before, args.max_length,
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"The {name} data set is empty after dropping pairs longer than max_length.")
+    return dataset
+
+
+def _real_pairs(batch: Mapping[str, Any]) -> int:
+    if batch.get("_pad", False):
+        return 0
+    return int(batch["chosen_index" if "chosen_index" in batch else "input_ids_chosen"].shape[0])
