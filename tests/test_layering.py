@@ -212,3 +212,16 @@ def test_readme_layout_matches_the_tree():
     assert not stale, f"README's layout section lists {stale}, which do not exist"
     for folder in folders:
         assert (ROOT / folder).is_dir(), f"README's layout lists {folder}, which does not exist"
+
+
+def test_the_documented_import_paths_keep_working():
+    import rm_scale
+    import rm_scale.data
+    import rm_scale.model
+    import rm_scale.stream
+
+    for name in rm_scale.__all__:
+        assert getattr(rm_scale, name) is not None
+    assert rm_scale.stream.PairFiles is rm_scale.data.PairFiles is rm_scale.PairFiles
+    assert rm_scale.model.read_reward_stats is rm_scale.read_reward_stats
+    assert rm_scale.data.RewardDataCollatorWithPadding is rm_scale.RewardDataCollatorWithPadding
