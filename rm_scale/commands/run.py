@@ -15,11 +15,11 @@ from transformers import AutoTokenizer
 from rm_scale.commands.recipe import DataSpec, resolve_data, resolve_model
 from rm_scale.config import RewardConfig
 from rm_scale.data.sources import Source, resolve_files
-from rm_scale.data.stream import PairFiles, materialize_pairs, stream_config
+from rm_scale.data.stream import PairFiles, materialize_pairs, require_pairs, stream_config
 from rm_scale.distributed import shutdown
-from rm_scale.model.reward import REWARD_STATS_FILE, load_reward_model, set_reward_stats
+from rm_scale.model.reward import REWARD_STATS_FILE, ensure_pad_token, load_reward_model, set_reward_stats
 from rm_scale.train import checkpoint as ckpt
-from rm_scale.train.trainer import RewardTrainer
+from rm_scale.train.trainer import RewardTrainer, skipped_rows
 from rm_scale.train.wandb_logging import set_wandb_recipe
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,10 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     model_spec, data_spec = resolve_model(recipe), resolve_data(recipe, args)
     _preflight(args, data_spec)  # clear errors now, not after the model is loaded
     tokenizer = AutoTokenizer.from_pretrained(model_spec.path, trust_remote_code=model_spec.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    train_data, eval_data, data_report = _data(data_spec, args, tokenizer)  # data errors before the model loads
     model = load_reward_model(model_spec.path, dtype=model_spec.dtype, score_head_seed=args.score_head_seed,
                               trust_remote_code=model_spec.trust_remote_code)
-    train_data, eval_data, data_report = _data(data_spec, args, tokenizer)
     trainer = RewardTrainer(model=model, args=args, tokenizer=tokenizer, train_dataset=train_data,
                             eval_dataset=eval_data, peft_config=_lora(recipe))
     set_wandb_recipe(trainer, recipe)
@@ -81,6 +82,8 @@ def _write_reports(output_dir: str, metrics: dict[str, Any], data_report: dict[s
         json.dump(data_report, f, indent=2)
     for name, part in data_report.items():
         dropped = part.get("dropped") if isinstance(part, dict) else None
+        if name == "train_stream_per_rank" and part:
+            name, dropped = "train (streamed, all ranks)", skipped_rows(part)
         if dropped:
             print(f"rm_scale: {name}: skipped rows by reason {dropped} (see data_report.json)")
 
@@ -114,6 +117,8 @@ def _data(data: DataSpec, args: RewardConfig, tokenizer: Any) -> tuple[Any, Any,
     """
     report: dict[str, Any] = {}
     if data.streaming:
+        if args.resume_from_checkpoint is None:
+            require_pairs(stream_config(data.train, args, split="train"), tokenizer)
         train = PairFiles(data.train)
     else:
         _check_fits_in_memory(data.train)

@@ -95,7 +95,9 @@ def resolve_files(paths: Sequence[str]) -> list[str]:
         if os.path.isdir(path) and not is_saved_dataset(path):
             found = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if _is_data_file(p))
             if not found:
-                raise ValueError(f"Data folder {item!r} holds no {'/'.join(EXTENSIONS)} files (optionally .gz).")
+                raise ValueError(f"Data folder {item!r} holds no {'/'.join(EXTENSIONS)} files (optionally .gz), "
+                                 "searched recursively: point data.train / data.eval at the files themselves, or "
+                                 "rename them to one of these extensions.")
             out.extend(found)
             continue
         matches = [path] if is_saved_dataset(path) else sorted(glob.glob(path, recursive=True))
@@ -154,7 +156,8 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
             try:
                 data = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield {"file": path, "line": getattr(e, "lineno", 0), "error": f"not valid JSON: {e}"}
+                yield {"file": path, "line": getattr(e, "lineno", 0),
+                       "error": f"not valid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})"}
                 return
         rows = data if isinstance(data, list) else [data]
         if not rows:
@@ -190,10 +193,11 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
 
 def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """The row of a record, or BadRow for an unreadable one."""
-    where = f"{record['file']}:{record['line']}"
+    where = f"{record['file']}:{record['line']}" if record["line"] else record["file"]  # an empty file has no line
     if "error" in record:
         fix = "remove the file or add rows" if record["error"] == "empty file" else "fix or delete that line"
-        raise BadRow(record["error"].split(" at ")[0].split(":")[0], f"{record['error']} ({fix})", where=where)
+        reason = record["error"].split(" at ")[0].split(" (")[0]
+        raise BadRow(reason, f"{record['error']}; {fix}", where=where)
     if "row" in record:
         row = record["row"]
     else:
@@ -203,7 +207,9 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
             raise BadRow("malformed JSON", f"malformed JSON ({e.msg} at column {e.colno}); fix or delete that line",
                          where=where) from None
     if not isinstance(row, dict):
-        raise BadRow("malformed JSON", f"a row must be a JSON object, got {type(row).__name__}", where=where)
+        raise BadRow("malformed JSON", f"a row must be a JSON object with the pair's fields ({{\"prompt\": ..., "
+                     f"\"chosen\": ..., \"rejected\": ...}}), got a {type(row).__name__}; rewrite that row as "
+                     "an object or delete it", where=where)
     return row
 
 

@@ -135,6 +135,17 @@ class PairStream(torch.utils.data.IterableDataset):
         self.epoch = state["epoch"]
         self.stats = StreamStats(**state["stats"])
 
+    def has_batches_left(self) -> bool:
+        """Whether the next iteration would yield a batch (reads at most one block, on a copy of this stream)."""
+        probe = PairStream(self.config, self.tokenizer, rank=self.rank, world_size=self.world_size)
+        probe.epoch, probe._resume = self.epoch, copy.deepcopy(self._resume)
+        return next(iter(probe), None) is not None
+
+    def start_next_epoch(self) -> None:
+        """Make the next iteration the first pass of the next epoch (after this one ended on every rank)."""
+        self._resume = None
+        self.epoch += 1
+
     # -- upstream -------------------------------------------------------------------------------------------------
 
     def _upstream(self, epoch: int) -> Any:
@@ -257,11 +268,27 @@ def materialize_pairs(config: StreamConfig, tokenizer: Any) -> tuple[Any, Stream
     stream = PairStream(config, tokenizer, rank=0, world_size=1)
     pairs = [p for rec in stream._upstream(0) for p in stream.pairs_of(rec)]
     if not pairs:
-        raise ValueError(f"No usable pairs in {[s.paths for s in config.sources]} (split {config.split!r}); "
-                         f"dropped: {stream.stats.dropped or 'none'}.")
+        raise ValueError(no_pairs_message(config, stream.stats.dropped))
     stream.stats.pairs = len(pairs)
     columns = sorted(set().union(*pairs))
     return Dataset.from_dict({c: [p.get(c) for p in pairs] for c in columns}), stream.stats
+
+
+def require_pairs(config: StreamConfig, tokenizer: Any) -> None:
+    """A ValueError, before any training, when the sources hold no usable pair at all (every row bad, empty files):
+    reads until the first micro-batch (usually within the first block)."""
+    stream = PairStream(config, tokenizer, rank=0, world_size=1)
+    if next(iter(stream), None) is None:
+        raise ValueError(no_pairs_message(config, stream.stats.dropped))
+
+
+def no_pairs_message(config: StreamConfig, dropped: dict[str, int]) -> str:
+    files = [f for s in config.sources for f in resolve_files(s.paths)]
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1])) or "no rows"
+    split = f" (the {config.split!r} split of eval_fraction={config.eval_fraction})" if config.eval_fraction else ""
+    return (f"No usable preference pair in {', '.join(files)}{split}: skipped {counts}. Check the files with "
+            "`rm-scale inspect-data <files> --strict` (it names the first bad row's file, line, field and fix), "
+            "or map your column names with the data source's `columns:`.")
 
 
 def _records(files: list[str], source: int) -> Iterator[dict[str, Any]]:

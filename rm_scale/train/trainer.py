@@ -27,8 +27,8 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from rm_scale.config import RewardConfig
 from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, padding_batch
 from rm_scale.data.formats import prepare_dataset
-from rm_scale.data.stream import PairFiles, PairStream, stream_config
-from rm_scale.distributed import all_gather_rows, all_reduce_sum
+from rm_scale.data.stream import PairFiles, PairStream, require_pairs, stream_config
+from rm_scale.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.lora import add_lora
@@ -197,6 +197,13 @@ class RewardTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The step's micro-batches and its pair count over all micro-batches and ranks (transformers passes it to
         `compute_loss` as ``num_items_in_batch``)."""
+        if 0 < self.args.max_steps <= self.state.global_step:
+            # Resumed from a checkpoint at (or past) max_steps: the run is finished. transformers would still run one
+            # more step before checking; train none.
+            logger.warning("Resumed at step %d of max_steps=%d: the run is already finished; training no step.",
+                           self.state.global_step, self.args.max_steps)
+            self.control.should_training_stop = True
+            return [], None
         batches = []
         for _ in range(num_batches):
             batch = next(epoch_iterator, None)
@@ -213,7 +220,9 @@ class RewardTrainer(Trainer):
             # start the next pass of the stream.
             self.control.should_epoch_stop = True
             if self._data_state is not None:
-                self._stream.epoch = self._data_state["epoch"] + 1
+                self._stream.epoch = self._data_state["epoch"]  # the main process's copy (a worker may iterate)
+            self._stream.start_next_epoch()
+            self._log_skipped_rows(f"epoch {self._stream.epoch - 1}")
             return [], None
         self._moments = None
         if batches and self._terms.enabled and len(batches) > 1:
@@ -248,6 +257,12 @@ class RewardTrainer(Trainer):
                                           rewards.sum(), (rewards * rewards).sum()])
         return BatchMoments(*all_reduce_sum(local).tolist())
 
+    def _log_skipped_rows(self, when: str) -> None:
+        """Rows skipped so far by reason, summed over ranks, in the log (collective: every rank calls it)."""
+        dropped = skipped_rows(self.stream_report() or [])
+        if dropped and self.is_world_process_zero():
+            logger.warning("Streamed data, %s: skipped rows by reason, all ranks: %s", when, dropped)
+
     def stream_report(self) -> list[dict[str, Any]] | None:
         """Each rank's stream counts (pairs, drops by reason, real and padded tokens). Collective: call on every rank."""
         if self._stream is None:
@@ -265,11 +280,8 @@ class RewardTrainer(Trainer):
         resume_from_checkpoint = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint is not None:
             self._prepare_resume(resume_from_checkpoint)
-        if self._stream is not None and self.args.strict_data:
-            # strict: a bad row stops the run here, before any training step, with its file, line and field
-            for _ in PairStream(self._stream.config, self.processing_class, rank=self._stream.rank,
-                                world_size=self._stream.world_size):
-                pass
+        if self._stream is not None:
+            self._check_stream(resumed=resume_from_checkpoint is not None)
         if self._preemption is not None:
             self._preemption.reset()
             self._preemption.install()
@@ -283,6 +295,28 @@ class RewardTrainer(Trainer):
         if self._preemption is not None and self._preemption.stopped:
             self._end_preempted()
         return output
+
+    def _check_stream(self, *, resumed: bool) -> None:
+        """Before the first step: data with no usable pair at all is an error (not 0 steps and an untrained model);
+        with strict_data a bad row anywhere in this rank's shard stops EVERY rank (else the others wait in a
+        collective until the launcher's grace time runs out)."""
+        if not resumed:
+            require_pairs(self._stream.config, self.processing_class)
+        if not self.args.strict_data:
+            return
+        error = None
+        try:
+            for _ in PairStream(self._stream.config, self.processing_class, rank=self._stream.rank,
+                                world_size=self._stream.world_size):
+                pass
+        except ValueError as e:
+            error = e
+        failed = all_reduce_max(torch.tensor(float(error is not None), device=self.args.device))
+        if error is not None:
+            raise error
+        if failed.item() > 0:
+            raise ValueError("strict_data: another rank stopped at a bad row (its error names the file, line, field "
+                             "and fix).")
 
     def _prepare_resume(self, checkpoint: str) -> None:
         """Refuse a checkpoint of another world size where positions or shards are per rank, load this rank's data
@@ -298,6 +332,13 @@ class RewardTrainer(Trainer):
                 )
             self._data_state = json.loads(path.read_text())
             self._stream.load_state_dict(self._data_state)
+            left = all_reduce_max(torch.tensor(float(self._stream.has_batches_left()), device=self.args.device))
+            if left.item() == 0:
+                # Saved at the last step of an epoch: no rank has a batch left in it. Start the next epoch, as the
+                # uninterrupted run does (transformers would see an empty epoch and stop training).
+                self._stream.start_next_epoch()
+                logger.info("%s ends epoch %d on every rank: resuming with epoch %d.", checkpoint,
+                            self._stream.epoch - 1, self._stream.epoch)
         if self.args.should_save:
             dropped = ckpt.truncate_metrics(self.args.output_dir, ckpt.resumed_step(checkpoint))
             if dropped:
@@ -514,3 +555,12 @@ def _real_pairs(batch: Mapping[str, Any]) -> int:
     if batch.get("_pad", False):
         return 0
     return int(batch["chosen_index" if "chosen_index" in batch else "input_ids_chosen"].shape[0])
+
+
+def skipped_rows(reports: list[dict[str, Any]]) -> dict[str, int]:
+    """Skipped rows by reason, summed over the ranks' stream reports."""
+    total: dict[str, int] = {}
+    for report in reports:
+        for reason, n in (report or {}).get("dropped", {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
