@@ -110,6 +110,24 @@ def test_zero2_two_ranks_match_one_process(setup, one_process):
     assert (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("mode", ["ddp", "zero1", "zero3_offload"])
+def test_every_shipped_launch_mode_trains_two_ranks_like_one_process(setup, one_process, mode):
+    """The launch files not covered above, each with its shipped DeepSpeed JSON (ZeRO-3 + offload: DeepSpeed's own
+    CPU AdamW, built on first use): step 1 has the loss and gradient of one process on the same global batch, the
+    loss falls, and a model folder is written. (ZeRO-2 and ZeRO-3: the tests above.)"""
+    tmp, _, recipe = setup
+    out = tmp / mode
+    ds = None if mode == "ddp" else tiny_ds_config(f"{mode}.json", tmp)
+    launch = launch_config(f"{mode}.yaml", tmp, ds_config=ds)
+    extra = {"ACCELERATE_USE_CPU": "true"} if mode == "ddp" else None  # DDP without GPUs (launch/ddp.yaml says so)
+    run_train(recipe, ["--output_dir", str(out), "--per_device_train_batch_size", "2"], launch=launch,
+              extra_env=extra)
+    dist = {m["step"]: m for m in metrics(out) if "loss_exact" in m}
+    _check_step1_equal(dist, one_process)
+    assert sorted(dist) == list(range(1, STEPS + 1))
+    assert (out / "final" / "model.safetensors").exists()
+
+
 def _uneven_files(tmp):
     """Two files, so the stream shards by file: rank 0 gets 24 pairs, rank 1 only 3."""
     rows = [json.loads(line) for line in open(resolve_data_files(["rm_scale:demo/train"])[0])]
