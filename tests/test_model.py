@@ -243,3 +243,23 @@ def test_a_deep_copy_of_a_sparse_model_uses_its_own_last_layer():
         twin.model.layers[-1].mlp.down_proj.weight.add_(1.0)  # only the copy's last layer changes
         assert torch.allclose(same, forward_rewards(model, ids, mask))
         assert not torch.allclose(forward_rewards(twin, ids, mask), forward_rewards(model, ids, mask))
+
+
+def test_custom_code_is_never_run_unless_asked_for(tiny_dir, tmp_path):
+    """A model folder whose config points at custom code (auto_map) is refused by default (trust_remote_code=False)
+    with transformers' own message; the code file is never executed."""
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_dir, folder)
+    marker = tmp_path / "executed"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "rm_scale_evil"  # not a transformers architecture: only the custom code could load it
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
+                          "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_reward_model(str(folder))
+    assert not marker.exists()
