@@ -15,7 +15,8 @@ from rm_scale.commands.recipe import resolve_model_path
 from rm_scale.data.batching import rank_balance
 from rm_scale.data.collate import computed_tokens
 from rm_scale.data.formats import detect_format
-from rm_scale.data.sources import BadRow, iter_records, record_row, resolve_files, to_pairs
+from rm_scale.data.pairs import to_pairs
+from rm_scale.data.sources import BadRow, iter_records, record_row, resolve_files
 from rm_scale.data.stream import PairStream, StreamConfig
 from rm_scale.model.reward import ensure_pad_token
 
@@ -29,12 +30,12 @@ def describe_formats(config: StreamConfig) -> list[str]:
             for rec in iter_records(path):
                 try:
                     row = record_row(rec)
-                    pairs = [p for p in to_pairs(row, source.columns) if "drop" not in p]
+                    pairs = [p for p in to_pairs(row, source.mapping) if "drop" not in p]
                 except BadRow:
                     continue
                 if not pairs:
                     continue
-                responses = source.columns.get("responses") or any(k.startswith("prediction ") for k in row)
+                responses = source.mapping.multi_response or any(k.startswith("prediction ") for k in row)
                 pair = {k: v for k, v in pairs[0].items() if not (k == "prompt" and v is None)}
                 name = "multi-response → " + detect_format(list(pair), pair) if responses else detect_format(
                     list(pair), pair)

@@ -81,11 +81,17 @@ def _write_reports(output_dir: str, metrics: dict[str, Any], data_report: dict[s
     with open(os.path.join(output_dir, "data_report.json"), "w") as f:
         json.dump(data_report, f, indent=2)
     for name, part in data_report.items():
-        dropped = part.get("dropped") if isinstance(part, dict) else None
-        if name == "train_stream_per_rank" and part:
-            name, dropped = "train (streamed, all ranks)", skipped_rows(part)
+        parts = part if isinstance(part, list) else [part] if isinstance(part, dict) else []
+        dropped = skipped_rows(parts)
+        name = "train (streamed, all ranks)" if name == "train_stream_per_rank" else name
         if dropped:
             print(f"rm_scale: {name}: skipped rows by reason {dropped} (see data_report.json)")
+        for warning in sorted({w for p in parts for w in (p or {}).get("warnings", {}).values()}):
+            print(f"rm_scale: {name}: warning: {warning}")
+        unshared = sum((p or {}).get("unshared_prompts", 0) for p in parts)
+        if unshared:
+            print(f"rm_scale: {name}: warning: {unshared} pairs are whole texts with no common beginning, so no "
+                  "prompt was found in them; if the data has a prompt column, map it (columns.prompt)")
 
 
 def _preflight(args: RewardConfig, data: DataSpec) -> None:

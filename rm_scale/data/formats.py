@@ -3,7 +3,8 @@
 Formats recognised per row (first match wins):
 - pre-tokenised (the seed's): `input_ids_chosen`, `attention_mask_chosen`, `input_ids_rejected`, `attention_mask_rejected`
 - TRL's pre-tokenised: `chosen_ids`, `rejected_ids`
-- conversational: `chosen`/`rejected` (and optional `prompt`) are lists of `{"role", "content"}` messages
+- conversational: `chosen`/`rejected` (and optional `prompt`) are lists of `{"role", "content"}` messages, rendered
+  by the chat template (without one: the turns joined by a blank line)
 - text with an explicit `prompt`: `prompt`, `chosen`, `rejected` strings
 - text with an implicit prompt: `chosen`, `rejected` are whole transcripts sharing their beginning (as hh-rlhf)
 An optional `margin` column passes through to the loss.
@@ -55,9 +56,8 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
         out = _pair_columns(prompt + chosen, prompt + rejected)
     elif fmt == "conversational":
         prompt = list(row.get("prompt") or [])
-        chosen = tokenizer.apply_chat_template(prompt + list(row["chosen"]), tokenize=True, return_dict=False)
-        rejected = tokenizer.apply_chat_template(prompt + list(row["rejected"]), tokenize=True, return_dict=False)
-        out = _pair_columns(list(chosen), list(rejected))
+        out = _pair_columns(conversation_ids(prompt + list(row["chosen"]), tokenizer),
+                            conversation_ids(prompt + list(row["rejected"]), tokenizer))
     elif fmt in ("prompt", "implicit_prompt"):
         prompt = row["prompt"] if fmt == "prompt" else ""
         enc = tokenizer([prompt + row["chosen"], prompt + row["rejected"]], add_special_tokens=True)["input_ids"]
@@ -67,6 +67,18 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
     if "margin" in row and row["margin"] is not None:
         out["margin"] = float(row["margin"])
     return out
+
+
+PLAIN_SEPARATOR = "\n\n"  # between the turns of a conversation when the tokenizer has no chat template
+
+
+def conversation_ids(messages: list[Mapping[str, Any]], tokenizer: Any) -> list[int]:
+    """Token ids of a conversation: the tokenizer's chat template, or (without one) the turns' contents joined with
+    a blank line and ended with EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    text = PLAIN_SEPARATOR.join(str(m["content"]) for m in messages)
+    return _ensure_eos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.eos_token_id)
 
 
 def tokenize_canonical(pair: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:

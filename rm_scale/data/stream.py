@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,16 +27,12 @@ import torch
 from rm_scale.data.batching import check_batching, make_batches
 from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, pack_pairs
 from rm_scale.data.formats import pair_length, tokenize_canonical, truncate_pair
-from rm_scale.data.sources import (
-    BadRow,
-    Source,
-    in_eval_split,
-    iter_records,
-    parse_sources,
-    record_row,
-    resolve_files,
-    to_pairs,
-)
+from rm_scale.data.mapping import ignored_label_columns, matches
+from rm_scale.data.presets import presets_reading
+from rm_scale.data.pairs import GROUP, implicit_prompt, in_eval_split, to_pairs
+from rm_scale.data.sources import BadRow, Source, iter_records, parse_sources, record_row, resolve_files
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,8 @@ class StreamStats:
     dropped: dict[str, int] = field(default_factory=dict)
     real_tokens: int = 0
     padded_tokens: int = 0
+    warnings: dict[str, str] = field(default_factory=dict)  # per source: a mapping that looks wrong
+    unshared_prompts: int = 0  # whole-transcript pairs whose two sides share no beginning (no prompt found)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -120,6 +119,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self._resume: dict[str, Any] | None = None
         self.stats = StreamStats()
+        self._checked: set[int] = set()  # sources whose mapping was checked against a first row
 
     # -- state ----------------------------------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def has_batches_left(self) -> bool:
         """Whether the next iteration would yield a batch (reads at most one block, on a copy of this stream)."""
         probe = PairStream(self.config, self.tokenizer, rank=self.rank, world_size=self.world_size)
-        probe.epoch, probe._resume = self.epoch, copy.deepcopy(self._resume)
+        probe.epoch, probe._resume, probe._checked = self.epoch, copy.deepcopy(self._resume), set(self._checked)
         return next(iter(probe), None) is not None
 
     def start_next_epoch(self) -> None:
@@ -159,7 +159,8 @@ class PairStream(torch.utils.data.IterableDataset):
             files = resolve_files(source.paths)
             random.Random(f"{self.config.seed}/files/{index}/{epoch}").shuffle(files)  # new file order each epoch
             ds = IterableDataset.from_generator(
-                _records, gen_kwargs={"files": files, "source": index}, features=features
+                _records, gen_kwargs={"files": files, "source": index, "group_by": source.mapping.group_by},
+                features=features,
             )
             # file-level shards when the files spread over the ranks, else example-level: disjoint either way
             parts.append(split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size))
@@ -218,46 +219,118 @@ class PairStream(torch.utils.data.IterableDataset):
             block, skip = block + 1, 0
         self.epoch = epoch + 1
 
+    def _keep(self, row: dict[str, Any], where: dict[str, Any]) -> bool:
+        """The source's ``where`` filter: rows that do not match are counted as "excluded by where"."""
+        if GROUP in row:
+            kept = [r for r in row[GROUP] if matches(r, where)]
+            for _ in range(len(row[GROUP]) - len(kept)):
+                self.stats.drop("excluded by where")
+            row[GROUP] = kept
+            return bool(kept)
+        if matches(row, where):
+            return True
+        self.stats.drop("excluded by where")
+        return False
+
     def pairs_of(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """Tokenised training pairs of one record; bad rows are counted by reason (or raise in strict mode)."""
         out = []
         try:
-            where = f"{record['file']}:{record['line']}"
-            rec = {k: v for k, v in record.items() if v is not None}
-            if "row" in rec:
-                rec["row"] = json.loads(rec["row"])
-            row = record_row(rec)
-            for pair in to_pairs(row, self.config.sources[record["source"]].columns, where=where):
-                if self.config.eval_fraction and (
-                    in_eval_split(pair, self.config.eval_fraction, self.config.seed) != (self.config.split == "eval")
-                ):
-                    continue  # the other split's prompt
-                tokens = None if "drop" in pair else tokenize_canonical(pair, self.tokenizer)
-                limit = self.config.max_length
-                if tokens is None:
-                    problem = BadRow(pair["drop"], f"a pair of this row is unusable ({pair['drop']})", where=where)
-                elif tokens["input_ids_chosen"] == tokens["input_ids_rejected"]:
-                    problem = BadRow("identical chosen and rejected", "chosen and rejected tokenise to the same ids; "
-                                     "drop the row", where=where)
-                elif limit is not None and pair_length(tokens) > limit and self.config.truncation == "keep_end":
-                    out.append(truncate_pair(tokens, limit))
-                    self.stats.truncated += 1
-                    continue
-                elif limit is not None and pair_length(tokens) > limit:
-                    problem = BadRow(f"longer than max_length={limit}", f"pair has {pair_length(tokens)} tokens > "
-                                     f"max_length={limit}: raise max_length or drop the row", where=where)
-                else:
+            for pair, where in self.canonical_pairs(record):
+                tokens = self._tokens(pair, where)
+                if tokens is not None:
                     out.append(tokens)
-                    continue
-                # one unusable pair of a multi-response row does not cost the row's other pairs
-                if self.config.strict and problem.reason != "tie":
-                    raise problem
-                self.stats.drop(problem.reason)
         except BadRow as e:
             if self.config.strict:
                 raise ValueError(f"Bad preference row (strict_data): {e}") from None
             self.stats.drop(e.reason)
         return out
+
+    def canonical_pairs(self, record: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+        """The canonical pairs (and drop markers) of one record in this split, each with its file:line; BadRow for
+        an unusable row. Rows the source's ``where`` excludes are counted here."""
+        where = f"{record['file']}:{record['line']}" if record.get("line") else record["file"]
+        rec = {k: v for k, v in record.items() if v is not None}
+        if "row" in rec:
+            rec["row"] = json.loads(rec["row"])
+        row = record_row(rec)
+        source = self.config.sources[record["source"]]
+        mapping = source.mapping
+        if record["source"] not in self._checked:
+            self._checked.add(record["source"])
+            warning = self._mapping_warning(row, source)
+            if warning:
+                self.stats.warnings[str(record["source"])] = warning
+        if mapping.where and not self._keep(row, mapping.where):
+            return []
+        cfg = self.config
+        pairs = [(pair, where) for pair in to_pairs(row, mapping, where=where)
+                 if not cfg.eval_fraction or in_eval_split(pair, cfg.eval_fraction, cfg.seed) == (cfg.split == "eval")]
+        for pair, _ in pairs:
+            if pair.get("prompt") is None and isinstance(pair.get("chosen"), str) and not implicit_prompt(
+                    pair["chosen"], pair["rejected"]).strip():
+                self.stats.unshared_prompts += 1
+        return pairs
+
+    def _mapping_warning(self, row: dict[str, Any], source: Source) -> str:
+        """A warning (once per source, on its first readable row) when the mapping ignores a label-like column."""
+        first = row[GROUP][0] if GROUP in row else row
+        ignored = ignored_label_columns(first, source.mapping)
+        if not ignored:
+            return ""
+        fits = presets_reading(set(first))
+        message = (f"{source.paths}: columns {ignored} look like preference labels but the mapping does not read "
+                   "them: if they say which response is better, pairs may be reversed. "
+                   + (f"The preset(s) {', '.join(f'format: {p}' for p in fits)} read them; or " if fits else "")
+                   + "map them with columns.label + label_coding, votes or scores (README, 'Data').")
+        if self.rank == 0:
+            logger.warning(message)
+        return message
+
+    def _tokens(self, pair: dict[str, Any], where: str) -> dict[str, Any] | None:
+        """Token ids of a canonical pair, or None (counted) for one that cannot be trained on."""
+        tokens = None if "drop" in pair else tokenize_canonical(pair, self.tokenizer)
+        limit = self.config.max_length
+        if tokens is None:
+            problem = BadRow(pair["drop"], pair.get("detail") or f"a pair of this row is unusable ({pair['drop']})",
+                             where=where)
+        elif tokens["input_ids_chosen"] == tokens["input_ids_rejected"]:
+            problem = BadRow("identical chosen and rejected", "chosen and rejected tokenise to the same ids; drop the "
+                             "row", where=where)
+        elif limit is not None and pair_length(tokens) > limit and self.config.truncation == "keep_end":
+            self.stats.truncated += 1
+            return truncate_pair(tokens, limit)
+        elif limit is not None and pair_length(tokens) > limit:
+            problem = BadRow(f"longer than max_length={limit}", f"pair has {pair_length(tokens)} tokens > "
+                             f"max_length={limit}: raise max_length or drop the row", where=where)
+        else:
+            return tokens
+        # one unusable pair of a multi-response row does not cost the row's other pairs
+        if self.config.strict and problem.reason not in ("tie", "chosen scored below rejected"):
+            raise problem
+        self.stats.drop(problem.reason)
+        return None
+
+
+def canonical_pairs(config: StreamConfig, *, limit: int | None = None) -> tuple[list[dict[str, Any]], StreamStats]:
+    """The canonical (untokenised) pairs of ``config``'s sources as the mapping reads them, up to ``limit``, with the
+    counts of what was dropped: what `rm-scale inspect-data` shows, and what tests assert on."""
+    stream = PairStream(config, tokenizer=None, rank=0, world_size=1)
+    pairs: list[dict[str, Any]] = []
+    for record in stream._upstream(0):
+        try:
+            found = stream.canonical_pairs(record)
+        except BadRow as e:
+            stream.stats.drop(e.reason)
+            continue
+        for pair, _ in found:
+            if "drop" in pair:
+                stream.stats.drop(pair["drop"])
+            else:
+                pairs.append(pair)
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs[:limit], stream.stats
 
 
 def materialize_pairs(config: StreamConfig, tokenizer: Any) -> tuple[Any, StreamStats]:
@@ -291,12 +364,36 @@ def no_pairs_message(config: StreamConfig, dropped: dict[str, int]) -> str:
             "or map your column names with the data source's `columns:`.")
 
 
-def _records(files: list[str], source: int) -> Iterator[dict[str, Any]]:
-    """Generator behind the upstream IterableDataset: one shard = a sub-list of files, read in order."""
+def _records(files: list[str], source: int, group_by: str | None = None) -> Iterator[dict[str, Any]]:
+    """Generator behind the upstream IterableDataset: one shard = a sub-list of files, read in order. With
+    ``group_by``, adjacent rows that share that column are one record (one prompt's responses): grouped before the
+    data is sharded, so a group never straddles two ranks."""
     for path in files:
-        for rec in iter_records(path):
+        records = iter_records(path)
+        for rec in _grouped(records, group_by) if group_by else records:
             row = rec.get("row")
             yield {"file": rec["file"], "line": rec["line"], "text": rec.get("text"), "error": rec.get("error"),
                    "row": None if row is None else json.dumps(row, default=str), "source": source}
 
 
+
+
+def _grouped(records: Iterator[dict[str, Any]], key: str) -> Iterator[dict[str, Any]]:
+    """Adjacent readable rows with the same ``row[key]`` as one record ``{"row": {GROUP: [rows]}}``; unreadable
+    records pass through (they are counted where rows are turned into pairs)."""
+    group: list[dict[str, Any]] = []
+    first: dict[str, Any] | None = None
+    for rec in records:
+        try:
+            row = record_row(rec)
+        except BadRow:
+            yield rec
+            continue
+        if group and row.get(key, object()) == group[0].get(key, object()) and key in row:
+            group.append(row)
+            continue
+        if group:
+            yield {"file": first["file"], "line": first["line"], "row": {GROUP: group}}
+        group, first = [row], rec
+    if group:
+        yield {"file": first["file"], "line": first["line"], "row": {GROUP: group}}

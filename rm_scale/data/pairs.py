@@ -1,0 +1,291 @@
+"""One row → zero or more canonical pairs ``{"prompt", "chosen", "rejected", ["margin"], ["subset"]}``.
+
+Text, messages, or pre-tokenised ids; a pair that cannot be used is a marker ``{"drop": reason}`` (counted while
+the row's other pairs are kept); a row that cannot be used at all raises `BadRow` with the field and the fix. How
+the row's columns are read is its source's `RowMapping` (rm_scale.data.mapping).
+
+Rows in rm_scale's (TRL's) own column names keep TRL's meaning: a text ``prompt`` is joined to each response as is.
+Rows read through a mapping become conversations (prompt = user turn, response = assistant turn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rm_scale.data.formats import PRETOKENIZED
+from rm_scale.data.mapping import FieldError, RowMapping, better_index, get_list, get_value, majority
+from rm_scale.data.sources import BadRow
+
+GROUP = "_group"  # a record of adjacent rows that share a prompt (columns.group_by), read together
+
+
+def to_pairs(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") -> list[dict[str, Any]]:
+    """Canonical pairs from one row (several for a multi-response row); BadRow names the field and the fix."""
+    try:
+        if mapping.multi_response:
+            return _response_pairs(row, mapping, where)
+        numbered = _numbered_responses(row) if mapping.is_empty else []
+        if numbered:  # FineGrainedRLHF-style rows: "prediction 1".."prediction N" + pairwise "preference"
+            scores = "scores" if "scores" in row and "preference" not in row else None
+            m = RowMapping(prompt="question", responses=tuple(numbered), scores=scores,
+                           pair_labels=None if scores else "preference", label_coding="1_2_0")
+            return _response_pairs(row, m, where)
+        if mapping.is_empty and (all(k in row for k in PRETOKENIZED) or {"chosen_ids", "rejected_ids"} <= set(row)):
+            return [_passthrough(row)]
+        return [_one_pair(row, mapping, where)]
+    except FieldError as e:
+        raise BadRow("missing field", str(e), where=where, field_name=e.name) from None
+
+
+# ---- one pair per row ---------------------------------------------------------------------------------------------
+
+
+def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, Any]:
+    names = {"chosen": m.chosen or "chosen", "rejected": m.rejected or "rejected"}
+    if m.is_empty and not {"chosen", "rejected"} <= set(row):
+        missing = next(n for n in ("chosen", "rejected") if n not in row)
+        raise BadRow("missing field", f"no field {missing!r} (columns: {_listing(row)}); map your column names with "
+                     "the data source's `columns: {chosen: ..., rejected: ...}` or a `format:` preset", where=where,
+                     field_name=missing)
+    sides = {side: get_value(row, name) for side, name in names.items()}
+    for side, value in sides.items():
+        _check_text(value, names[side], where)
+    prompt = get_value(row, m.prompt) if m.prompt else row.get("prompt")
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise BadRow("not text", f"field {m.prompt or 'prompt'!r} must be a string or a list of messages; fix or drop "
+                     "the row", where=where, field_name=m.prompt or "prompt")
+    if sides["chosen"] == sides["rejected"]:
+        raise BadRow("identical chosen and rejected", f"fields {names['chosen']!r} and {names['rejected']!r} are "
+                     "identical: the pair carries no preference; drop the row", where=where,
+                     field_name=names["chosen"])
+    system = get_value(row, m.system) if m.system else None
+    if isinstance(sides["chosen"], list):  # messages: a text prompt becomes the user turn
+        pair = {"prompt": _message_prompt(prompt, system, sides["chosen"]), **sides}
+    elif m.is_empty:  # TRL's text format: prompt + response as given, or whole transcripts (implicit prompt)
+        pair = {"prompt": prompt, **sides}
+    else:
+        pair = {"prompt": _prompt_messages(prompt, system, m), "chosen": _assistant(sides["chosen"]),
+                "rejected": _assistant(sides["rejected"])}
+    _copy_extras(row, m, pair, where)
+    if isinstance(m.scores, tuple) and len(m.scores) == 2:  # the two sides' scores: equal is a tie
+        good, bad = (get_value(row, c) for c in m.scores)
+        if good == bad:
+            return {"prompt": pair["prompt"], "drop": "tie"}
+        if isinstance(good, (int, float)) and isinstance(bad, (int, float)) and good < bad:
+            return {"prompt": pair["prompt"], "drop": "chosen scored below rejected"}
+    return pair
+
+
+def _message_prompt(prompt: Any, system: str | None, chosen: list[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    """The prompt of message-list sides. Sides that start with a user or system turn are whole conversations (as in
+    ultrafeedback_binarized, whose string prompt repeats their first turn): nothing is prepended."""
+    if chosen and chosen[0].get("role") != "assistant":
+        return None
+    if isinstance(prompt, str):
+        return _turns(system, prompt)
+    return list(prompt) if prompt else None
+
+
+def _turns(system: str | None, user: str) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system and system.strip() else []) + [
+        {"role": "user", "content": user}]
+
+
+def _prompt_messages(prompt: Any, system: str | None, m: RowMapping) -> list[dict[str, Any]]:
+    if isinstance(prompt, list):
+        return list(prompt)
+    if m.transcript:
+        return transcript_messages(prompt)
+    return _turns(system, prompt)
+
+
+def _assistant(text: Any) -> list[dict[str, Any]]:
+    return list(text) if isinstance(text, list) else [{"role": "assistant", "content": text}]
+
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def transcript_messages(text: str) -> list[dict[str, str]]:
+    """An Anthropic-style transcript (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, ending with an empty
+    ``Assistant:``) as messages."""
+    parts = _TURN.split(text)
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        if content.strip():
+            messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    if not messages:
+        messages = [{"role": "user", "content": text.strip()}]
+    return messages
+
+
+# ---- several responses per row (or per group of rows) -------------------------------------------------------------
+
+
+def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[dict[str, Any]]:
+    """N responses with a label naming the better one, votes, pairwise labels (pairs i<j in order) or scores."""
+    rows = row[GROUP] if GROUP in row else [row]
+    first = rows[0]
+    if m.response is not None:
+        texts = [get_value(r, m.response) for r in rows]
+    else:
+        texts = get_list(first, m.responses)
+    prompt_spec = m.prompt or ("prompt" if "prompt" in first else "question")
+    prompt = get_value(first, prompt_spec)
+    if not isinstance(prompt, (str, list)) or not prompt:
+        raise BadRow("missing field", f"a multi-response row needs a prompt: field {prompt_spec!r} is empty or not "
+                     "text; set columns.prompt", where=where, field_name=prompt_spec)
+    if len(texts) < 2:
+        raise BadRow("fewer than 2 responses", f"{len(texts)} response(s) for this prompt: a preference needs two "
+                     "or more; drop the row", where=where)
+    winners = _edges(first, rows, texts, m, where)
+    base = {"prompt": _prompt_messages(prompt, get_value(first, m.system) if m.system else None, m)}
+    pairs = []
+    for good, bad in winners:
+        if good is None:  # a tie between the two responses of ``bad``
+            pairs.append({**base, "drop": "tie"})
+        elif not all(isinstance(t, str) and t.strip() for t in (texts[good], texts[bad])):
+            empty = next(k for k in (good, bad) if not (isinstance(texts[k], str) and texts[k].strip()))
+            pairs.append({**base, "drop": "empty field", "detail": f"response {empty + 1} of {len(texts)} "
+                          f"({_response_name(m, empty)}) is empty or not text; fill it or drop the row"})
+        elif texts[good] == texts[bad]:
+            pairs.append({**base, "drop": "identical chosen and rejected"})
+        else:
+            pair = {**base, "chosen": _assistant(texts[good]), "rejected": _assistant(texts[bad])}
+            _copy_extras(first, m, pair, where)
+            pairs.append(pair)
+    return pairs
+
+
+def _edges(first: Mapping[str, Any], rows: list[Mapping[str, Any]], texts: list[Any], m: RowMapping,
+           where: str) -> list[tuple[int | None, Any]]:
+    """(better, worse) index pairs of the responses; a tie is (None, (i, j))."""
+    n = len(texts)
+    index_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    try:
+        if m.pair_labels:
+            labels = get_value(first, m.pair_labels)
+            if not isinstance(labels, list) or len(labels) != len(index_pairs):
+                got = f"{len(labels)} labels" if isinstance(labels, list) else f"{type(labels).__name__} {labels!r}"
+                raise ValueError(f"field {m.pair_labels!r} needs {len(index_pairs)} labels (one per pair i<j of "
+                                 f"{n} responses), got {got}")
+            best = [better_index(v, m.label_coding or "1_2_0", 2) for v in labels]
+            return [((i, j)[b], (i, j)[1 - b]) if b is not None else (None, (i, j))
+                    for (i, j), b in zip(index_pairs, best)]
+        if m.label or m.votes:
+            columns = [m.label] if m.label else list(m.votes)
+            best = majority([better_index(get_value(first, c), m.label_coding, n) for c in columns])
+            if best is None:
+                return [(None, (i, j)) for i, j in index_pairs]
+            return [(best, j) for j in range(n) if j != best]
+        if m.scores:
+            scores = [get_value(r, m.scores) for r in rows] if m.response else get_list(first, m.scores)
+            return _score_edges(scores, index_pairs, higher_is_better=m.higher_is_better)
+    except FieldError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise BadRow("bad labels", f"{e}; fix the row or the source's label_coding", where=where,
+                     field_name=m.pair_labels or m.label or (m.votes or [""])[0] or str(m.scores)) from None
+    raise BadRow("bad labels", "a multi-response row needs columns.label (+ label_coding), votes, pair_labels or "
+                 "scores to say which response is better", where=where)
+
+
+def _score_edges(scores: Sequence[Any], index_pairs: list[tuple[int, int]], *,
+                 higher_is_better: bool) -> list[tuple[int | None, Any]]:
+    if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in scores):
+        raise ValueError(f"scores must be numbers, got {list(scores)!r}")
+    out: list[tuple[int | None, Any]] = []
+    for i, j in index_pairs:
+        if scores[i] == scores[j]:
+            out.append((None, (i, j)))
+        elif (scores[i] > scores[j]) == higher_is_better:
+            out.append((i, j))
+        else:
+            out.append((j, i))
+    return out
+
+
+def _response_name(m: RowMapping, index: int) -> str:
+    if isinstance(m.responses, tuple):
+        return repr(m.responses[index])
+    return f"{m.responses or m.response}[{index}]"
+
+
+# ---- shared helpers -----------------------------------------------------------------------------------------------
+
+
+def _listing(row: Mapping[str, Any]) -> str:
+    names = sorted(row)
+    return ", ".join(map(repr, names[:20])) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+
+
+def _check_text(value: Any, name: str, where: str) -> None:
+    if isinstance(value, list):
+        if not value or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value):
+            raise BadRow("not text", f"field {name!r} is a list but not of {{role, content}} messages; fix or drop "
+                         "the row", where=where, field_name=name)
+        return
+    if not isinstance(value, str):
+        raise BadRow("not text", f"field {name!r} must be a string (or messages), got {type(value).__name__}; fix or "
+                     "drop the row", where=where, field_name=name)
+    if not value.strip():
+        raise BadRow("empty field", f"field {name!r} is empty; fill it or drop the row", where=where, field_name=name)
+
+
+def _copy_extras(row: Mapping[str, Any], m: RowMapping, pair: dict[str, Any], where: str) -> None:
+    margin, subset = m.margin or "margin", m.subset or "subset"
+    if row.get(margin) is not None:
+        try:
+            pair["margin"] = float(row[margin])
+        except (TypeError, ValueError):
+            raise BadRow("bad margin", f"field {margin!r} must be a number", where=where, field_name=margin) from None
+    if row.get(subset) is not None:
+        pair["subset"] = str(row[subset])
+
+
+def _passthrough(row: Mapping[str, Any]) -> dict[str, Any]:
+    keys = PRETOKENIZED if all(k in row for k in PRETOKENIZED) else ("chosen_ids", "rejected_ids", "prompt_ids")
+    pair = {k: list(row[k]) for k in keys if k in row and row[k] is not None}
+    _copy_extras(row, RowMapping(), pair, "")
+    return pair
+
+
+def _numbered_responses(row: Mapping[str, Any]) -> list[str]:
+    names = sorted((k for k in row if k.startswith("prediction ") and k.split()[-1].isdigit()),
+                   key=lambda k: int(k.split()[-1]))
+    return names if len(names) >= 2 and ("preference" in row or "scores" in row) else []
+
+
+# ---- prompts ------------------------------------------------------------------------------------------------------
+
+
+def prompt_key(pair: Mapping[str, Any]) -> str:
+    """What identifies the prompt of a pair, for splitting train/eval by prompt (never by pair)."""
+    prompt = pair.get("prompt")
+    if prompt is None and isinstance(pair.get("chosen"), str):
+        prompt = implicit_prompt(pair["chosen"], pair["rejected"])
+    elif prompt is None and isinstance(pair.get("chosen"), list):  # whole conversations: all turns but the last
+        prompt = pair["chosen"][:-1]
+    return json.dumps(prompt, sort_keys=True)
+
+
+def implicit_prompt(chosen: str, rejected: str) -> str:
+    """The shared beginning of two transcripts, cut back to the last turn marker (hh-rlhf style)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    shared = chosen[:n]
+    cut = shared.rfind("\n\nAssistant:")
+    return shared[: cut + len("\n\nAssistant:")] if cut >= 0 else shared
+
+
+def in_eval_split(pair: Mapping[str, Any], fraction: float, seed: int) -> bool:
+    """Deterministic split by prompt hash: every pair of a prompt lands on the same side."""
+    digest = hashlib.sha256(f"{seed}/{prompt_key(pair)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
