@@ -69,3 +69,52 @@ def test_real_hh_rlhf_packed_report(tok_dir):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["padding_efficiency"] >= 0.95 > report["padding_efficiency_fixed_batches"]
     assert report["length_percentiles"]["100"] <= 512
+
+
+SHP_ROWS = [
+    {"post_id": "p1", "domain": "askculinary_train", "history": "How do I keep rice from sticking?",
+     "score_A": 3, "score_B": 40, "human_ref_A": "Use more oil.", "human_ref_B": "Rinse it first.", "labels": 0},
+    {"post_id": "p2", "domain": "askscience_train", "history": "Why is the sky blue?", "score_A": 90, "score_B": 4,
+     "human_ref_A": "Rayleigh scattering.", "human_ref_B": "It reflects the sea.", "labels": 1},
+]
+
+
+def _recipe(tmp_path, tok_dir, source):
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(tok_dir)}, "data": {"train": [source]},
+                                      "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2,
+                                                "report_to": []}}))
+    return recipe
+
+
+def test_config_shows_the_mapping_formats_and_the_first_pairs(tmp_path, tok_dir):
+    data = tmp_path / "shp.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SHP_ROWS))
+    recipe = _recipe(tmp_path, tok_dir, {"path": str(data), "format": "shp"})
+    report = json.loads(_inspect("--config", recipe, "--json").stdout.strip().splitlines()[-1])
+    assert report["formats"] == ["shp → conversational"] and report["pairs_kept"] == 2
+    first = report["samples"][0]
+    assert first["chosen"] == "assistant: Rinse it first." and first["rejected"] == "assistant: Use more oil."
+    assert first["prompt"] == "user: How do I keep rice from sticking?"
+    # the old README mapping: pairs kept, but the ignored labels column is a warning with the fix
+    recipe = _recipe(tmp_path, tok_dir, {"path": str(data), "columns": {
+        "prompt": "history", "chosen": "human_ref_A", "rejected": "human_ref_B"}})
+    proc = _inspect("--config", recipe)
+    assert proc.returncode == 0 and "look like preference labels" in proc.stdout and "format: shp" in proc.stdout
+    dry = subprocess.run([sys.executable, "-m", "rm_scale", "train", "--config", str(recipe), "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 0 and "# data.train (streamed)" in dry.stdout and "Use more oil." in dry.stdout
+
+
+def test_no_usable_pair_is_a_non_zero_exit_in_inspect_and_dry_run(tmp_path, tok_dir):
+    data = tmp_path / "unmapped.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SHP_ROWS))  # SHP without a mapping: no chosen/rejected
+    recipe = _recipe(tmp_path, tok_dir, str(data))
+    proc = _inspect("--config", recipe)
+    assert proc.returncode == 1 and "missing field" in proc.stdout and "not a single usable pair" in proc.stderr
+    assert "unknown: no usable row among the first 2 (first:" in proc.stdout and "format:" in proc.stdout
+    dry = subprocess.run([sys.executable, "-m", "rm_scale", "train", "--config", str(recipe), "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 2 and "No usable preference pair" in dry.stderr and "2 missing field" in dry.stderr

@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ins = sub.add_parser("inspect-data", help="what the trainer would see: format, kept/dropped pairs, per-rank "
                          "counts, lengths, padding efficiency")
-    ins.add_argument("paths", nargs="+", help="preference files, globs, folders")
+    ins.add_argument("paths", nargs="*", help="preference files, globs, folders (or --config)")
+    ins.add_argument("--config", help="a recipe: inspect its data.train sources (format, columns, where) with its "
+                     "tokenizer and batching")
+    ins.add_argument("--show", type=int, default=3, help="print the first N pairs as read and as the model sees them")
     ins.add_argument("--model", default="rm_scale:smollm2-135m-instruct", help="tokenizer to use (folder or name)")
     ins.add_argument("--world-size", type=int, default=1)
     ins.add_argument("--pairs-per-batch", type=int, default=8, help="per_device_train_batch_size")
@@ -83,9 +86,12 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
     if args.command == "inspect-data":
         from rm_scale.commands.inspect_data import run_inspect  # lazy: imports torch
 
+        if not args.paths and not args.config:
+            parser.error("inspect-data needs data paths or --config recipe.yaml")
         return run_inspect(args.paths, model=args.model, world_size=args.world_size,
                            pairs_per_batch=args.pairs_per_batch, max_length=args.max_length, batching=args.batching,
-                           token_budget=args.token_budget, strict=args.strict, as_json=args.json)
+                           token_budget=args.token_budget, strict=args.strict, as_json=args.json,
+                           config_file=args.config, show=args.show)
     from rm_scale.commands.demo import run_demo  # lazy: the demo imports nothing heavy, but keep --help minimal
 
     return run_demo(output_dir=args.output_dir, num_processes=args.num_processes)
@@ -110,6 +116,29 @@ def dry_run(recipe: dict[str, Any], *, launch_config: str | None = None) -> int:
     print(json.dumps(_jsonable(args.to_dict()), indent=2, sort_keys=True))
     print(f"# DeepSpeed ({ds_path or 'none'}, world size {world_size})")
     print(json.dumps(resolve_ds_config(ds_path, args, world_size=world_size) if ds_path else None, indent=2))
+    return _dry_run_data(recipe, args)
+
+
+def _dry_run_data(recipe: dict[str, Any], args: Any) -> int:
+    """The data as training would read it: each source's format and the first pairs; an error without any pair."""
+    from transformers import AutoTokenizer  # lazy, with the two imports of dry_run
+
+    from rm_scale.commands.inspect_data import describe_formats, sample_pairs  # lazy, as in dry_run
+    from rm_scale.commands.recipe import resolve_data, resolve_model  # lazy, as in dry_run
+    from rm_scale.data.stream import require_pairs, stream_config  # lazy, as in dry_run
+    from rm_scale.model.reward import ensure_pad_token  # lazy, as in dry_run
+
+    data, model = resolve_data(recipe, args), resolve_model(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    config = stream_config(data.train, args, split="train")
+    print(f"# data.train ({'streamed' if data.streaming else 'map-style'})")
+    for source, fmt in zip(data.train, describe_formats(config)):
+        print(f"{source.paths}: {fmt}")
+    require_pairs(config, tokenizer)  # ValueError (exit 2): not a single usable pair, with the counts by reason
+    for i, sample in enumerate(sample_pairs(config, tokenizer, count=2), 1):
+        print(f"pair {i}: prompt: {sample['prompt'][:200]}\n        chosen: {sample['chosen'][:200]}\n"
+              f"        rejected: {sample['rejected'][:200]}")
     return 0
 
 

@@ -5,45 +5,71 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from rm_scale.commands.recipe import resolve_model_path
+from rm_scale.commands.recipe import load_recipe, resolve_model_path
 from rm_scale.data.batching import rank_balance
 from rm_scale.data.collate import computed_tokens
-from rm_scale.data.formats import detect_format
+from rm_scale.data.formats import detect_format, tokenize_canonical
 from rm_scale.data.pairs import to_pairs
-from rm_scale.data.sources import BadRow, iter_records, record_row, resolve_files
-from rm_scale.data.stream import PairStream, StreamConfig
+from rm_scale.data.sources import BadRow, iter_records, parse_sources, record_row, resolve_files
+from rm_scale.data.stream import PairStream, StreamConfig, canonical_pairs
 from rm_scale.model.reward import ensure_pad_token
 
 
 def describe_formats(config: StreamConfig) -> list[str]:
-    """The format of each source, read from its first usable row."""
+    """The format of each source, read from its first usable row (or why none was usable)."""
     names = []
     for source in config.sources:
-        name = "unknown (no readable row)"
-        for path in resolve_files(source.paths):
-            for rec in iter_records(path):
-                try:
-                    row = record_row(rec)
-                    pairs = [p for p in to_pairs(row, source.mapping) if "drop" not in p]
-                except BadRow:
-                    continue
-                if not pairs:
-                    continue
-                responses = source.mapping.multi_response or any(k.startswith("prediction ") for k in row)
+        name, problems = None, []
+        for rec in (r for path in resolve_files(source.paths) for r in iter_records(path)):
+            try:
+                pairs = [p for p in to_pairs(record_row(rec), source.mapping) if "drop" not in p]
+            except BadRow as e:
+                problems.append(e)
+                if len(problems) >= 100:
+                    break
+                continue
+            if pairs:
                 pair = {k: v for k, v in pairs[0].items() if not (k == "prompt" and v is None)}
-                name = "multi-response → " + detect_format(list(pair), pair) if responses else detect_format(
-                    list(pair), pair)
+                name = detect_format(list(pair), pair)
+                name = f"{source.format or 'columns mapping'} → {name}" if not source.mapping.is_empty else name
                 break
-            if not name.startswith("unknown"):
-                break
+        if name is None:
+            name = f"unknown: no usable row among the first {len(problems)}" + (
+                f" (first: {problems[0]})" if problems else "")
         names.append(name)
     return names
+
+
+def sample_pairs(config: StreamConfig, tokenizer: Any, *, count: int) -> list[dict[str, str]]:
+    """The first ``count`` pairs as the mapping reads them (prompt | chosen | rejected) and the chosen sequence as
+    the model sees it (decoded token ids, the end kept)."""
+    pairs, _ = canonical_pairs(dataclasses.replace(config, eval_fraction=0.0), limit=count)
+    out = []
+    for pair in pairs:
+        tokens = tokenize_canonical(pair, tokenizer) if "input_ids_chosen" not in pair else pair
+        out.append({"prompt": _show(pair.get("prompt")), "chosen": _show(pair.get("chosen")),
+                    "rejected": _show(pair.get("rejected")),
+                    "model_sees_chosen": _tail(tokenizer.decode(tokens["input_ids_chosen"]))})
+    return out
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none: whole transcripts / conversations)"
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return " | ".join(f"{m['role']}: {m['content']}" for m in value)
+    return str(value)
+
+
+def _tail(text: str, n: int = 240) -> str:
+    return text if len(text) <= n else "…" + text[-n:]
 
 
 def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[str, Any]:
@@ -70,6 +96,8 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
         stats["batches"] = batches
         stats["padding_efficiency"] = stats["real_tokens"] / max(stats["padded_tokens"], 1)
         report["ranks"].append(stats)
+        report.setdefault("warnings", {}).update(stream.stats.warnings)
+        report["unshared_prompts"] = report.get("unshared_prompts", 0) + stream.stats.unshared_prompts
         for reason, n in stream.stats.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
     real = sum(r["real_tokens"] for r in report["ranks"])
@@ -109,17 +137,40 @@ def print_report(report: dict[str, Any]) -> None:
     if "padding_efficiency_fixed_batches" in report:
         line += f"   (fixed batches: {report['padding_efficiency_fixed_batches']:.3f})"
     print(line)
+    for warning in report.get("warnings", {}).values():
+        print(f"warning: {warning}")
+    if report.get("unshared_prompts"):
+        print(f"warning: {report['unshared_prompts']} pairs are whole texts with no common beginning: no prompt was "
+              "found in them; if the data has a prompt column, map it (columns.prompt)")
+    for i, sample in enumerate(report.get("samples", []), 1):
+        print(f"pair {i}:")
+        for key in ("prompt", "chosen", "rejected", "model_sees_chosen"):
+            print(f"  {key + ':':<19}{_tail(sample[key])}")
 
 
 def run_inspect(paths: Sequence[str], *, model: str, world_size: int, pairs_per_batch: int, max_length: int | None,
-                batching: str, token_budget: int | None, strict: bool, as_json: bool) -> int:
+                batching: str, token_budget: int | None, strict: bool, as_json: bool, config_file: str | None = None,
+                show: int = 3) -> int:
+    """`rm-scale inspect-data`: exits 1 when not a single pair is kept."""
+    if config_file:
+        recipe = load_recipe(config_file)
+        train = recipe["train"]
+        paths, model = list(paths) + [recipe["data"]["train"]], recipe["model"]["name_or_path"]
+        pairs_per_batch = train.get("per_device_train_batch_size", pairs_per_batch)
+        max_length, batching = train.get("max_length", max_length), train.get("batching", batching)
+        token_budget, strict = train.get("token_budget", token_budget), train.get("strict_data", strict)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     ensure_pad_token(tokenizer)
-    config = StreamConfig(sources=list(paths), pairs_per_batch=pairs_per_batch, max_length=max_length,
+    sources = [s for spec in paths for s in parse_sources(spec)]
+    config = StreamConfig(sources=sources, pairs_per_batch=pairs_per_batch, max_length=max_length,
                           batching=batching, token_budget=token_budget, strict=strict)
     report = inspect(config, tokenizer, world_size=world_size)
+    report["samples"] = sample_pairs(config, tokenizer, count=show)
     if as_json:
         print(json.dumps(report))
     else:
         print_report(report)
+    if report["pairs_kept"] == 0:
+        print("rm-scale inspect-data: error: not a single usable pair (see the reasons above).", file=sys.stderr)
+        return 1
     return 0
