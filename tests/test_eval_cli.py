@@ -100,3 +100,23 @@ def test_eval_scores_a_lora_adapter_and_its_stats_sit_beside_it(setup, tmp_path,
     assert run_eval(str(adapter), [str(pairs)], max_length=40, plot_path=str(plot)) == 0
     text = capsys.readouterr().out
     assert "accuracy" in text and "swapped" in text and "dropped" in text
+
+
+def test_eval_reads_a_public_set_through_its_preset(setup, tmp_path):
+    """rm-scale eval reads data as training does: a preset's mapping (SHP: labels decide A or B), counted drops."""
+    tmp, recipe, _, _ = setup
+    out = tmp / "full"
+    if not (out / "final").exists():
+        run_train(recipe, ["--output_dir", str(out)])
+    rows = [{"history": "How do I cook rice?", "human_ref_A": "no", "human_ref_B": "Rinse the rice, then simmer.",
+             "labels": 0, "domain": "askculinary_train"},
+            {"history": "How do I cook rice?", "human_ref_A": "Rinse the rice, then simmer.", "human_ref_B": "no",
+             "labels": 1, "domain": "askculinary_test"},
+            {"history": "x", "human_ref_A": "a", "human_ref_B": "b", "labels": 5, "domain": "bad"}]
+    data = tmp_path / "shp.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate_model(str(out / "final"), [str(data)], data_format="shp", plot_path=str(tmp_path / "p.png"))
+    assert result["pairs"] == 2 and result["dropped_by_reason"] == {"bad labels": 1}
+    assert set(result["subsets"]) == {"askculinary_train", "askculinary_test"}
+    # the same pair both ways round: equal rewards, so the same accuracy in both subsets
+    assert result["subsets"]["askculinary_train"]["accuracy"] == result["subsets"]["askculinary_test"]["accuracy"]

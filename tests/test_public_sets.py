@@ -236,3 +236,56 @@ def test_whole_text_pairs_without_a_shared_prompt_are_counted(tmp_path):
     assert stats.unshared_prompts == 1
     pairs, stats = _read(tmp_path, rows, format="distilabel_orca")
     assert len(pairs) == 1 and stats.unshared_prompts == 0
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_train_on_a_weighted_mix_of_three_public_sets(tmp_path):
+    """SHP (weight 2), PKU-SafeRLHF and HelpSteer2 preference rows in their published schemas, mixed by weight and
+    streamed under 2-rank ZeRO-3: every step trains, the ties are counted over both ranks, a model is saved."""
+    from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
+
+    shp = [{**SHP[i % 2], "post_id": f"p{i}", "history": f"{SHP[i % 2]['history']} ({i})"} for i in range(16)]
+    pku = [{**PKU, "prompt": f"{PKU['prompt']} ({i})", "better_response_id": i % 2} for i in range(16)]
+    helpsteer = [{"split": "train", "prompt": f"Question {i}?", "response_1": f"Answer one {i}.",
+                  "response_2": f"Answer two {i}.", "preference_strength": (i % 3) - 1} for i in range(15)]
+    files = {}
+    for name, rows in (("shp", shp), ("pku", pku), ("helpsteer", helpsteer)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"train": [{"path": str(files["shp"]), "format": "shp", "weight": 2},
+                      {"path": str(files["pku"]), "format": "pku_saferlhf"},
+                      {"path": str(files["helpsteer"]), "format": "helpsteer2_preference"}],
+            "streaming": True}
+    recipe, _ = tiny_recipe(tmp_path, data=data, max_steps=4, per_device_train_batch_size=4)
+    launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
+    out = tmp_path / "mix"
+    proc = run_train(recipe, ["--output_dir", str(out)], launch=launch)
+    assert [m["step"] for m in metrics(out) if "loss_exact" in m] == [1, 2, 3, 4]
+    assert (out / "final" / "model.safetensors").exists()
+    report = json.loads((out / "data_report.json").read_text())["train_stream_per_rank"]
+    assert len(report) == 2 and all(r["pairs"] > 0 for r in report)
+    assert set().union(*(r["dropped"] for r in report)) <= {"tie"} and not any(r["warnings"] for r in report)
+    assert "Traceback" not in proc.stderr
+
+
+def test_mapped_rows_are_rendered_as_the_model_sees_a_conversation(tmp_path):
+    """Through the stream and the tokenizer: the chat template renders system, user and assistant turns; without a
+    chat template the turns are joined by a blank line (never glued: "...for a while.Put the egg...")."""
+    from rm_scale.data.stream import PairStream
+    from tiny import demo_corpus, make_tokenizer
+
+    words = "system user assistant You are a careful assistant . What is 2 + 2 ? 4 5"
+    tok = make_tokenizer(demo_corpus() + [words])
+    rows = [{"system": "You are a careful assistant .", "input": "What is 2 + 2 ?", "chosen": "4", "rejected": "5",
+             "status": "unchanged", "chosen_score": 9.0, "in_gsm8k_train": False}]
+    path = tmp_path / "orca.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    config = StreamConfig(sources=[{"path": str(path), "format": "distilabel_orca"}], pairs_per_batch=4, max_length=None)
+    (batch,) = list(PairStream(config, tok, rank=0, world_size=1))
+    chosen = tok.decode(batch["input_ids_chosen"][0])
+    assert chosen == ("system : You are a careful assistant . <eos> user : What is 2 + 2 ? <eos> "
+                      "assistant : 4 <eos>")
+    tok.chat_template = None
+    (batch,) = list(PairStream(config, tok, rank=0, world_size=1))
+    ids = batch["input_ids_rejected"][0].tolist()
+    assert ids == tok("You are a careful assistant .\n\nWhat is 2 + 2 ?\n\n5")["input_ids"] + [tok.eos_token_id]

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-length", type=int, help="drop (and count) pairs with a longer side; default: keep all")
     ev.add_argument("--plot", help="where to write the PNG (default: <model>/reward_eval.png)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    ev.add_argument("--format", help="a data set preset for --data (README, 'Public data sets'), e.g. shp")
     ins = sub.add_parser("inspect-data", help="what the trainer would see: format, kept/dropped pairs, per-rank "
                          "counts, lengths, padding efficiency")
     ins.add_argument("paths", nargs="*", help="preference files, globs, folders (or --config)")
@@ -82,7 +83,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         from rm_scale.commands.evaluate import run_eval  # lazy: imports torch
 
         return run_eval(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
-                        as_json=args.json, plot_path=args.plot, dtype=args.dtype)
+                        as_json=args.json, plot_path=args.plot, dtype=args.dtype, data_format=args.format)
     if args.command == "inspect-data":
         from rm_scale.commands.inspect_data import run_inspect  # lazy: imports torch
 

@@ -3,7 +3,7 @@
     rm-scale eval --model outputs/run/final --data test.jsonl [--json] [--batch-size 16] [--max-length 1024]
 
 Loads a full model folder or a PEFT adapter folder (`adapter_config.json`; the base model is read from the path the
-adapter names), tokenises the files like training does (any format `rm_scale.data.formats.prepare_dataset` understands),
+adapter names), reads the files as training does (rm_scale.data: formats, `--format` presets, bad rows counted),
 and reads every reward with `rm_scale.model.reward.forward_rewards`, one forward per batch over chosen and rejected
 together. Prints accuracy (ties count half), per `subset` column when there is one, the number of pairs and the reward
 statistics; `--json` prints them as one JSON object. Writes a PNG (default `<model>/reward_eval.png`): the chosen and
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from transformers.trainer_utils import EvalPrediction
 
-from rm_scale.commands.recipe import load_preference_files
 from rm_scale.data.collate import RewardDataCollatorWithPadding
-from rm_scale.data.formats import prepare_dataset
+from rm_scale.data.sources import parse_sources
+from rm_scale.data.stream import StreamConfig, materialize_pairs
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.reward import base_model, ensure_pad_token, forward_rewards, read_reward_stats
 from rm_scale.train.metrics import compute_reward_metrics
@@ -152,25 +152,22 @@ def evaluate_model(
     max_length: int | None = None,
     plot_path: str | None = None,
     dtype: str = "float32",
+    data_format: str | None = None,
 ) -> dict[str, Any]:
-    """Score ``model_dir`` on ``data_files``; returns the summary (see `summarize`) and writes the PNG."""
+    """Score ``model_dir`` on ``data_files`` (read as training reads them: formats, ``data_format`` preset, bad rows
+    skipped and counted); returns the summary (see `summarize`) and writes the PNG."""
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model {model_dir!r} is not a folder (expected <output_dir>/final or an adapter folder).")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
     model, tokenizer = load_scoring_model(model_dir, dtype=dtype)
-    raw = load_preference_files(list(data_files))
-    # Tokenise without dropping (rows stay aligned with the subset column), then drop long pairs here.
-    data = prepare_dataset(raw, tokenizer, max_length=None)
-    keep = [
-        i for i, (c, r) in enumerate(zip(data["input_ids_chosen"], data["input_ids_rejected"]))
-        if max_length is None or max(len(c), len(r)) <= max_length
-    ]
-    if not keep:
-        raise ValueError(f"No pair left to score: every pair has a side longer than --max-length {max_length}.")
-    subsets = [raw["subset"][i] for i in keep] if "subset" in raw.column_names else None
-    rewards = score_pairs(model, tokenizer, data.select(keep), batch_size=batch_size)
-    result: dict[str, Any] = {"model": model_dir, "data": list(data_files), "dropped": len(data) - len(keep)}
+    specs = [{"path": f, "format": data_format} if data_format else f for f in data_files]
+    config = StreamConfig(sources=parse_sources(specs), pairs_per_batch=1, max_length=max_length)
+    data, stats = materialize_pairs(config, tokenizer)
+    subsets = data["subset"] if "subset" in data.column_names else None
+    rewards = score_pairs(model, tokenizer, data, batch_size=batch_size)
+    result: dict[str, Any] = {"model": model_dir, "data": list(data_files), "dropped": sum(stats.dropped.values()),
+                              "dropped_by_reason": stats.dropped}
     result.update(summarize(rewards, subsets))
     saved = read_reward_stats(model_dir)
     if saved:
@@ -185,7 +182,7 @@ def evaluate_model(
 def _text(r: dict[str, Any]) -> str:
     lines = [
         f"model     {r['model']}",
-        f"pairs     {r['pairs']}" + (f" ({r['dropped']} dropped: longer than --max-length)" if r["dropped"] else ""),
+        f"pairs     {r['pairs']}" + (f" ({r['dropped']} dropped: {r['dropped_by_reason']})" if r["dropped"] else ""),
         f"accuracy  {r['accuracy']:.4f}  (ties count half)",
         f"margin    {r['margin']:.4f}",
         f"rewards   mean {r['rewards_mean']:.4f}  std {r['rewards_std']:.4f}  "
