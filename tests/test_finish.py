@@ -178,3 +178,26 @@ def test_strict_bad_row_on_one_rank_stops_every_rank(setup):
     assert proc.returncode != 0
     assert f"{bad}:9: malformed JSON" in proc.stderr
     assert "another rank stopped at a bad row" in proc.stderr
+
+
+@pytest.mark.slow
+def test_zero3_resume_when_one_rank_never_had_a_batch(setup):
+    """Two files, one per rank: one holds no usable pair, so its rank only ever pads. Its checkpoint still holds a
+    data position (the start of the epoch), and the resumed run logs the uninterrupted run's losses."""
+    tmp, recipe, launch = setup
+    rows = [json.loads(line) for line in open(ROOT / "rm_scale" / "data" / "demo_data" / "eval.jsonl")]
+    good, empty = tmp / "pad_a.jsonl", tmp / "pad_b.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    empty.write_text(json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}) + "\n")
+    common = ["--data.train", json.dumps([str(good), str(empty)]), "--data.streaming", "true", "--max_steps", "8",
+              "--save_steps", "4", "--per_device_train_batch_size", "4"]
+    full = tmp / "pad_full"
+    run_train(recipe, ["--output_dir", str(full), *common], launch=launch)
+    states = [json.loads((full / "checkpoint-4" / f"rm_scale_data_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(s["upstream"] is None and s["emitted"] == 0 for s in states) == [False, True]  # files are shuffled
+    resumed = tmp / "pad_resumed"
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    run_train(recipe, ["--output_dir", str(resumed), *common, "--resume_from_checkpoint", "auto"], launch=launch)
+    steps = {m["step"]: m["loss_exact"] for m in metrics(full) if "loss_exact" in m}
+    again = {m["step"]: m["loss_exact"] for m in metrics(resumed) if "loss_exact" in m}
+    assert sorted(again) == [5, 6, 7, 8] and all(abs(again[s] - steps[s]) <= 1e-6 for s in again)

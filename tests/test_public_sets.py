@@ -289,3 +289,58 @@ def test_mapped_rows_are_rendered_as_the_model_sees_a_conversation(tmp_path):
     (batch,) = list(PairStream(config, tok, rank=0, world_size=1))
     ids = batch["input_ids_rejected"][0].tolist()
     assert ids == tok("You are a careful assistant .\n\nWhat is 2 + 2 ?\n\n5")["input_ids"] + [tok.eos_token_id]
+
+
+HH_ROW = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.",
+          "split": "a", "m": 0.5}
+
+
+def test_a_filter_or_renamed_extras_keep_trls_meaning_of_the_rows(tmp_path):
+    """A where filter, or columns that only rename margin / subset, read rows in rm_scale's (TRL's) names as before:
+    whole transcripts stay implicit-prompt text, a text prompt is joined as given."""
+    pairs, _ = _read(tmp_path, [HH_ROW, {**HH_ROW, "split": "b"}], where={"split": "a"}, columns={"margin": "m"})
+    assert pairs == [{"prompt": None, "chosen": HH_ROW["chosen"], "rejected": HH_ROW["rejected"], "margin": 0.5}]
+    trl = {"prompt": "User: hi", "chosen": " Hello!", "rejected": " Go away.", "tag": "x"}
+    pairs, _ = _read(tmp_path, [trl], columns={"subset": "tag"})
+    assert pairs == [{"prompt": "User: hi", "chosen": " Hello!", "rejected": " Go away.", "subset": "x"}]
+    # mapped sides without any prompt: whole texts (implicit prompt), not a user turn holding None
+    pairs, _ = _read(tmp_path, [{"good": HH_ROW["chosen"], "bad": HH_ROW["rejected"]}],
+                     columns={"chosen": "good", "rejected": "bad"})
+    assert pairs == [{"prompt": None, "chosen": HH_ROW["chosen"], "rejected": HH_ROW["rejected"]}]
+
+
+def test_odd_row_shapes_are_counted_bad_rows_never_tracebacks(tmp_path):
+    cases = [
+        ({"system": 7, "input": "q", "chosen": "a", "rejected": "b", "status": "ok", "chosen_score": 9,
+          "in_gsm8k_train": False}, {"format": "distilabel_orca"}, "bad row shape"),
+        ({"q": None, "a": "x", "b": "y"}, {"columns": {"prompt": "q", "chosen": "a", "rejected": "b"}}, "empty field"),
+        ({"chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}, {}, "not text"),
+        ({"p": "q", "r": ["a", "b", "c"], "s": [1, 2]}, {"columns": {"prompt": "p", "responses": "r", "scores": "s"}},
+         "bad labels"),
+        ({**PKU, "better_response_id": math.inf}, {"format": "pku_saferlhf"}, "bad labels"),
+        ({"split": "t", "prompt": "q", "response_1": "a", "response_2": "b", "preference_strength": math.nan},
+         {"format": "helpsteer2_preference"}, "bad labels"),
+        ({"instruction": "q", "completions": [{"response": "a", "overall_score": math.nan},
+                                              {"response": "b", "overall_score": 3.0}]},
+         {"format": "ultrafeedback"}, "bad labels"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": math.nan}, {}, "bad margin"),
+        ({"prompt": 5, "answers": [{"answer": "a", "rank": 1}, {"answer": "b", "rank": 2}]},
+         {"format": "nectar"}, "not text"),
+        ({"prompt": "c#", "helpfulness": 2, "response": "x"}, {"columns": {"prompt": "q", "response": "response",
+                                                                          "scores": "helpfulness", "group_by": "g"}},
+         "missing field"),
+    ]
+    for i, (row, source, reason) in enumerate(cases):
+        pairs, stats = _read(tmp_path, [row], name=f"odd{i}.jsonl", **source)
+        assert not pairs and stats.dropped == {reason: 1}, (i, stats.dropped)
+
+
+def test_where_arguments_are_checked_and_multi_response_rows_keep_their_own_labels(tmp_path):
+    with pytest.raises(ValueError, match=r"where.domain: .*\{in: \[list\]\}"):
+        _read(tmp_path, SHP, format="shp", where={"domain": {"in": "askscience_train"}})
+    with pytest.raises(ValueError, match=r"where.score_A: .*at_least: number"):
+        _read(tmp_path, SHP, format="shp", where={"score_A": {"at_least": "8"}})
+    # responses mapped, labels in the row's own `preference` column (as before the mapping language)
+    row = {"q": "Which?", "r1": "good", "r2": "bad", "preference": [1]}
+    pairs, _ = _read(tmp_path, [row], columns={"prompt": "q", "responses": ["r1", "r2"]})
+    assert _decided(pairs) == [("good", "bad")]

@@ -23,6 +23,7 @@ response an assistant turn, rendered by the tokenizer's chat template (or joined
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,10 @@ class RowMapping:
 
     @property
     def is_empty(self) -> bool:
-        return self == RowMapping()
+        """No column mapping (a `where` filter or renamed margin / subset columns do not count): the row uses
+        rm_scale's (TRL's) names and meaning."""
+        return not (self.prompt or self.system or self.transcript or self.chosen or self.rejected
+                    or self.multi_response or self.label or self.votes or self.pair_labels or self.scores)
 
     @property
     def multi_response(self) -> bool:
@@ -122,9 +126,16 @@ def _check(m: RowMapping, source: str) -> None:
     if m.group_by and m.response is None:
         raise ValueError(f"{source}: group_by needs columns.response (the one response of each row) and scores.")
     for column, cond in m.where.items():
-        if isinstance(cond, Mapping) and (len(cond) != 1 or next(iter(cond)) not in WHERE_OPS):
-            raise ValueError(f"{source}: where.{column}: use a value (equal), or one of {{not: v}}, {{in: [..]}}, "
-                             f"{{not_in: [..]}}, {{at_least: x}}, {{at_most: x}}; got {dict(cond)}.")
+        if not isinstance(cond, Mapping):
+            continue
+        op, arg = next(iter(cond.items())) if len(cond) == 1 else (None, None)
+        ok = op in WHERE_OPS and (
+            (op in ("in", "not_in") and isinstance(arg, list))
+            or (op in ("at_least", "at_most") and isinstance(arg, (int, float)) and not isinstance(arg, bool))
+            or op == "not")
+        if not ok:
+            raise ValueError(f"{source}: where.{column}: use a value (equal), or one of {{not: v}}, {{in: [list]}}, "
+                             f"{{not_in: [list]}}, {{at_least: number}}, {{at_most: number}}; got {dict(cond)}.")
 
 
 # ---- reading fields -------------------------------------------------------------------------------------------------
@@ -217,12 +228,11 @@ def get_list(row: Mapping[str, Any], spec: str | tuple[str, ...]) -> list[Any]:
 def matches(row: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
     """Whether a row passes the source's ``where`` filter."""
     for column, cond in where.items():
-        value = row.get(column)
+        value = _lookup(row, column)
         if isinstance(cond, Mapping):
             op, arg = next(iter(cond.items()))
             if op in ("at_least", "at_most"):
-                number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                ok = number and (value >= arg if op == "at_least" else value <= arg)
+                ok = _finite(value) and (value >= arg if op == "at_least" else value <= arg)
             else:
                 ok = {"not": value != arg, "in": value in (arg or []), "not_in": value not in (arg or [])}[op]
         else:
@@ -256,12 +266,15 @@ def ignored_label_columns(row: Mapping[str, Any], mapping: RowMapping) -> list[s
 # ---- labels -------------------------------------------------------------------------------------------------------
 
 
+def is_finite_number(value: Any) -> bool:
+    return _finite(value)
+
+
 def better_index(value: Any, coding: str, n: int) -> int | None:
     """The index of the better of ``n`` responses that a label value names under ``coding``; None for a tie.
     ValueError for a value the coding does not know."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
-            isinstance(value, str) and coding != "1_2_0"):
-        raise ValueError(f"label {value!r} is not a number")
+    if not (_finite(value) or (isinstance(value, str) and coding == "1_2_0")):
+        raise ValueError(f"label {value!r} is not a finite number")
     if coding == "index":
         if value != int(value) or not 0 <= value < n:
             raise ValueError(f"label {value!r} is not a response index 0..{n - 1}")
@@ -288,3 +301,8 @@ def majority(indices: Sequence[int | None]) -> int | None:
     best = max(counts.values())
     winners = [i for i, c in counts.items() if c == best]
     return winners[0] if len(winners) == 1 else None
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rm_scale.data.formats import PRETOKENIZED
-from rm_scale.data.mapping import FieldError, RowMapping, better_index, get_list, get_value, majority
+from rm_scale.data.mapping import (
+    FieldError,
+    RowMapping,
+    better_index,
+    get_list,
+    get_value,
+    is_finite_number,
+    majority,
+)
 from rm_scale.data.sources import BadRow
 
 GROUP = "_group"  # a record of adjacent rows that share a prompt (columns.group_by), read together
@@ -26,19 +35,27 @@ GROUP = "_group"  # a record of adjacent rows that share a prompt (columns.group
 def to_pairs(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") -> list[dict[str, Any]]:
     """Canonical pairs from one row (several for a multi-response row); BadRow names the field and the fix."""
     try:
-        if mapping.multi_response:
-            return _response_pairs(row, mapping, where)
-        numbered = _numbered_responses(row) if mapping.is_empty else []
-        if numbered:  # FineGrainedRLHF-style rows: "prediction 1".."prediction N" + pairwise "preference"
-            scores = "scores" if "scores" in row and "preference" not in row else None
-            m = RowMapping(prompt="question", responses=tuple(numbered), scores=scores,
-                           pair_labels=None if scores else "preference", label_coding="1_2_0")
-            return _response_pairs(row, m, where)
-        if mapping.is_empty and (all(k in row for k in PRETOKENIZED) or {"chosen_ids", "rejected_ids"} <= set(row)):
-            return [_passthrough(row)]
-        return [_one_pair(row, mapping, where)]
+        return _pairs(row, mapping, where)
     except FieldError as e:
         raise BadRow("missing field", str(e), where=where, field_name=e.name) from None
+    except (TypeError, AttributeError, IndexError, KeyError, OverflowError) as e:  # a field of an unexpected shape
+        raise BadRow("bad row shape", f"a field has an unexpected type or shape ({type(e).__name__}: {e}); check the "
+                     "row against the source's columns: mapping (rm-scale inspect-data --config ...)",
+                     where=where) from None
+
+
+def _pairs(row: Mapping[str, Any], mapping: RowMapping, where: str) -> list[dict[str, Any]]:
+    if mapping.multi_response:
+        return _response_pairs(row, mapping, where)
+    numbered = _numbered_responses(row) if mapping.is_empty else []
+    if numbered:  # FineGrainedRLHF-style rows: "prediction 1".."prediction N" + pairwise "preference"
+        scores = "scores" if "scores" in row and "preference" not in row else None
+        m = RowMapping(prompt="question", responses=tuple(numbered), scores=scores,
+                       pair_labels=None if scores else "preference", label_coding="1_2_0")
+        return _response_pairs(row, m, where)
+    if mapping.is_empty and (all(k in row for k in PRETOKENIZED) or {"chosen_ids", "rejected_ids"} <= set(row)):
+        return [_passthrough(row, mapping)]
+    return [_one_pair(row, mapping, where)]
 
 
 # ---- one pair per row ---------------------------------------------------------------------------------------------
@@ -54,10 +71,20 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
     sides = {side: get_value(row, name) for side, name in names.items()}
     for side, value in sides.items():
         _check_text(value, names[side], where)
+    if isinstance(sides["chosen"], list) != isinstance(sides["rejected"], list):
+        raise BadRow("not text", f"fields {names['chosen']!r} and {names['rejected']!r} must both be text or both be "
+                     "message lists; fix or drop the row", where=where, field_name=names["rejected"])
+    prompt_name = m.prompt or "prompt"
     prompt = get_value(row, m.prompt) if m.prompt else row.get("prompt")
     if prompt is not None and not isinstance(prompt, (str, list)):
-        raise BadRow("not text", f"field {m.prompt or 'prompt'!r} must be a string or a list of messages; fix or drop "
-                     "the row", where=where, field_name=m.prompt or "prompt")
+        raise BadRow("not text", f"field {prompt_name!r} must be a string or a list of messages; fix or drop "
+                     "the row", where=where, field_name=prompt_name)
+    if m.prompt and (prompt is None or (isinstance(prompt, str) and not prompt.strip())):
+        raise BadRow("empty field", f"the prompt ({m.prompt!r}) is empty for this row; fill it or drop the row",
+                     where=where, field_name=m.prompt)
+    if isinstance(prompt, list) and not isinstance(sides["chosen"], list):
+        raise BadRow("not text", f"field {prompt_name!r} is a message list but the responses are text: give messages "
+                     "for both, or text for both", where=where, field_name=prompt_name)
     if sides["chosen"] == sides["rejected"]:
         raise BadRow("identical chosen and rejected", f"fields {names['chosen']!r} and {names['rejected']!r} are "
                      "identical: the pair carries no preference; drop the row", where=where,
@@ -65,7 +92,8 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
     system = get_value(row, m.system) if m.system else None
     if isinstance(sides["chosen"], list):  # messages: a text prompt becomes the user turn
         pair = {"prompt": _message_prompt(prompt, system, sides["chosen"]), **sides}
-    elif m.is_empty:  # TRL's text format: prompt + response as given, or whole transcripts (implicit prompt)
+    elif m.is_empty or (prompt is None and not system):
+        # TRL's text format: prompt + response as given, or whole transcripts (implicit prompt)
         pair = {"prompt": prompt, **sides}
     else:
         pair = {"prompt": _prompt_messages(prompt, system, m), "chosen": _assistant(sides["chosen"]),
@@ -73,9 +101,12 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
     _copy_extras(row, m, pair, where)
     if isinstance(m.scores, tuple) and len(m.scores) == 2:  # the two sides' scores: equal is a tie
         good, bad = (get_value(row, c) for c in m.scores)
+        if not (is_finite_number(good) and is_finite_number(bad)):
+            raise BadRow("bad labels", f"scores {list(m.scores)} must be numbers, got {good!r} and {bad!r}",
+                         where=where, field_name=m.scores[0])
         if good == bad:
             return {"prompt": pair["prompt"], "drop": "tie"}
-        if isinstance(good, (int, float)) and isinstance(bad, (int, float)) and good < bad:
+        if good < bad:
             return {"prompt": pair["prompt"], "drop": "chosen scored below rejected"}
     return pair
 
@@ -97,8 +128,10 @@ def _turns(system: str | None, user: str) -> list[dict[str, str]]:
 
 def _prompt_messages(prompt: Any, system: str | None, m: RowMapping) -> list[dict[str, Any]]:
     if isinstance(prompt, list):
-        return list(prompt)
+        return ([{"role": "system", "content": system}] if system and system.strip() else []) + list(prompt)
     if m.transcript:
+        if not isinstance(prompt, str):
+            raise BadRow("not text", f"transcript prompt must be text, got {type(prompt).__name__}")
         return transcript_messages(prompt)
     return _turns(system, prompt)
 
@@ -130,15 +163,21 @@ def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[d
     """N responses with a label naming the better one, votes, pairwise labels (pairs i<j in order) or scores."""
     rows = row[GROUP] if GROUP in row else [row]
     first = rows[0]
+    if m.group_by and m.group_by not in first:
+        raise BadRow("missing field", f"no field {m.group_by!r} (columns.group_by) in this row; fix the mapping or "
+                     "drop the row", where=where, field_name=m.group_by)
     if m.response is not None:
         texts = [get_value(r, m.response) for r in rows]
     else:
         texts = get_list(first, m.responses)
     prompt_spec = m.prompt or ("prompt" if "prompt" in first else "question")
     prompt = get_value(first, prompt_spec)
-    if not isinstance(prompt, (str, list)) or not prompt:
-        raise BadRow("missing field", f"a multi-response row needs a prompt: field {prompt_spec!r} is empty or not "
-                     "text; set columns.prompt", where=where, field_name=prompt_spec)
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise BadRow("not text", f"field {prompt_spec!r} (the prompt) must be text or messages, got "
+                     f"{type(prompt).__name__}; fix or drop the row", where=where, field_name=prompt_spec)
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise BadRow("missing field", f"a multi-response row needs a prompt: field {prompt_spec!r} is empty; set "
+                     "columns.prompt", where=where, field_name=prompt_spec)
     if len(texts) < 2:
         raise BadRow("fewer than 2 responses", f"{len(texts)} response(s) for this prompt: a preference needs two "
                      "or more; drop the row", where=where)
@@ -184,7 +223,13 @@ def _edges(first: Mapping[str, Any], rows: list[Mapping[str, Any]], texts: list[
             return [(best, j) for j in range(n) if j != best]
         if m.scores:
             scores = [get_value(r, m.scores) for r in rows] if m.response else get_list(first, m.scores)
+            if len(scores) != n:
+                raise ValueError(f"{len(scores)} scores for {n} responses")
             return _score_edges(scores, index_pairs, higher_is_better=m.higher_is_better)
+        if "preference" in first or "scores" in first:  # as before the mapping language: the row's own labels
+            fallback = RowMapping(responses=m.responses, pair_labels="preference" if "preference" in first else None,
+                                  scores=None if "preference" in first else "scores", label_coding="1_2_0")
+            return _edges(first, rows, texts, fallback, where)
     except FieldError:
         raise
     except (TypeError, ValueError) as e:
@@ -196,8 +241,8 @@ def _edges(first: Mapping[str, Any], rows: list[Mapping[str, Any]], texts: list[
 
 def _score_edges(scores: Sequence[Any], index_pairs: list[tuple[int, int]], *,
                  higher_is_better: bool) -> list[tuple[int | None, Any]]:
-    if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in scores):
-        raise ValueError(f"scores must be numbers, got {list(scores)!r}")
+    if not all(is_finite_number(s) for s in scores):
+        raise ValueError(f"scores must be finite numbers, got {list(scores)!r}")
     out: list[tuple[int | None, Any]] = []
     for i, j in index_pairs:
         if scores[i] == scores[j]:
@@ -243,14 +288,17 @@ def _copy_extras(row: Mapping[str, Any], m: RowMapping, pair: dict[str, Any], wh
             pair["margin"] = float(row[margin])
         except (TypeError, ValueError):
             raise BadRow("bad margin", f"field {margin!r} must be a number", where=where, field_name=margin) from None
+        if not math.isfinite(pair["margin"]):
+            raise BadRow("bad margin", f"field {margin!r} is {row[margin]!r}: a margin must be finite", where=where,
+                         field_name=margin)
     if row.get(subset) is not None:
         pair["subset"] = str(row[subset])
 
 
-def _passthrough(row: Mapping[str, Any]) -> dict[str, Any]:
+def _passthrough(row: Mapping[str, Any], m: RowMapping) -> dict[str, Any]:
     keys = PRETOKENIZED if all(k in row for k in PRETOKENIZED) else ("chosen_ids", "rejected_ids", "prompt_ids")
     pair = {k: list(row[k]) for k in keys if k in row and row[k] is not None}
-    _copy_extras(row, RowMapping(), pair, "")
+    _copy_extras(row, m, pair, "")
     return pair
 
 

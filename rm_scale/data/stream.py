@@ -135,6 +135,11 @@ class PairStream(torch.utils.data.IterableDataset):
         self.epoch = state["epoch"]
         self.stats = StreamStats(**state["stats"])
 
+    def start_state(self, *, epoch: int) -> dict[str, Any]:
+        """The resume state of a rank that has not consumed a batch of ``epoch`` (its shard may be empty)."""
+        return {"epoch": epoch, "block": 0, "emitted": 0, "upstream": None, "rank": self.rank,
+                "world_size": self.world_size, "stats": dataclasses.asdict(self.stats)}
+
     def has_batches_left(self) -> bool:
         """Whether the next iteration would yield a batch (reads at most one block, on a copy of this stream)."""
         probe = PairStream(self.config, self.tokenizer, rank=self.rank, world_size=self.world_size)
@@ -180,11 +185,13 @@ class PairStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
         upstream = self._upstream(epoch)
-        block, skip, pending = 0, 0, None
+        block, skip, pending, resumed_stats = 0, 0, None, None
         if self._resume is not None:
             pending = self._resume["upstream"]
-            upstream.load_state_dict(pending)
+            if pending is not None:  # None: saved before this rank consumed any batch (start of the epoch)
+                upstream.load_state_dict(pending)
             block, skip = self._resume["block"], self._resume["emitted"]
+            resumed_stats = StreamStats(**self._resume["stats"]) if pending is not None else None
             self._resume = None
         rows = iter(upstream)
         while True:
@@ -195,6 +202,8 @@ class PairStream(torch.utils.data.IterableDataset):
             if not raw:
                 break
             pairs = [p for r in raw for p in self.pairs_of(r)]
+            if resumed_stats is not None:  # the resumed block was counted before the checkpoint: not twice
+                self.stats, resumed_stats = resumed_stats, None
             key = f"{self.config.seed}/{epoch}/{block}"
             batches = make_batches(pairs, batching=self.config.batching, pairs_per_batch=self.config.pairs_per_batch,
                                    token_budget=self.config.token_budget, rng=random.Random(key),

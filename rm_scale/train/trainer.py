@@ -120,6 +120,7 @@ class RewardTrainer(Trainer):
         )
         self._moments: BatchMoments | None = None  # of the current step, when the terms need a pre-pass
         self._data_state: dict[str, Any] | None = None  # resume state after the last micro-batch consumed
+        self._pass_epoch = 0  # the stream's epoch that every rank is in (an epoch ends for all at one step)
         self.last_eval: EvalRewards | None = None  # rewards of the latest evaluation (W&B histograms, tables)
 
     def _setup_callbacks(self) -> None:
@@ -219,10 +220,10 @@ class RewardTrainer(Trainer):
             # Every rank is out of data (one agreed count, so no rank waits in a collective): end the epoch here and
             # start the next pass of the stream.
             self.control.should_epoch_stop = True
-            if self._data_state is not None:
-                self._stream.epoch = self._data_state["epoch"]  # the main process's copy (a worker may iterate)
+            self._stream.epoch = self._pass_epoch  # the main process's copy (a worker may do the iterating)
             self._stream.start_next_epoch()
-            self._log_skipped_rows(f"epoch {self._stream.epoch - 1}")
+            self._pass_epoch += 1
+            self._log_skipped_rows(f"epoch {self._pass_epoch - 1}")
             return [], None
         self._moments = None
         if batches and self._terms.enabled and len(batches) > 1:
@@ -304,19 +305,28 @@ class RewardTrainer(Trainer):
             require_pairs(self._stream.config, self.processing_class)
         if not self.args.strict_data:
             return
-        error = None
-        try:
+        def check() -> None:
             for _ in PairStream(self._stream.config, self.processing_class, rank=self._stream.rank,
                                 world_size=self._stream.world_size):
                 pass
-        except ValueError as e:
+
+        self._agreed(check, "strict_data: another rank stopped at a bad row (its error names the file, line, field "
+                     "and fix).")
+
+    def _agreed(self, step: Callable[[], Any], other_failed: str) -> Any:
+        """Run ``step`` on every rank and agree on its failure: a rank that raises re-raises, the others raise
+        ValueError(``other_failed``) — nobody is left waiting in the next collective."""
+        error, result = None, None
+        try:
+            result = step()
+        except Exception as e:  # any error: the other ranks must not wait for this one
             error = e
         failed = all_reduce_max(torch.tensor(float(error is not None), device=self.args.device))
         if error is not None:
             raise error
         if failed.item() > 0:
-            raise ValueError("strict_data: another rank stopped at a bad row (its error names the file, line, field "
-                             "and fix).")
+            raise ValueError(other_failed)
+        return result
 
     def _prepare_resume(self, checkpoint: str) -> None:
         """Refuse a checkpoint of another world size where positions or shards are per rank, load this rank's data
@@ -324,25 +334,39 @@ class RewardTrainer(Trainer):
         ckpt.check_world_size(checkpoint, self.args.world_size, streamed=self._stream is not None,
                               zero_stage=self._zero_stage())
         if self._stream is not None:
-            path = Path(checkpoint) / DATA_STATE_FILE.format(rank=self.args.process_index)
-            if not path.exists():
-                raise ValueError(
-                    f"{path} is missing: the checkpoint has no data position for rank {self.args.process_index} "
-                    "(saved with another world size?). Resume with the world size it was saved with."
-                )
-            self._data_state = json.loads(path.read_text())
-            self._stream.load_state_dict(self._data_state)
-            left = all_reduce_max(torch.tensor(float(self._stream.has_batches_left()), device=self.args.device))
+            self._agreed(lambda: self._load_data_state(checkpoint),
+                         f"another rank could not resume its data position from {checkpoint} (see its error)")
+            # A rank whose last batch was in an earlier epoch has padded through this one: it starts this epoch.
+            epoch = int(all_reduce_max(torch.tensor(float(self._stream.epoch), device=self.args.device)).item())
+            if self._stream.epoch < epoch:
+                self._stream.epoch = epoch - 1
+                self._stream.start_next_epoch()
+            self._pass_epoch = epoch
+            has_left = self._agreed(self._stream.has_batches_left, "another rank could not read its data (see its error)")
+            left = all_reduce_max(torch.tensor(float(has_left), device=self.args.device))
             if left.item() == 0:
                 # Saved at the last step of an epoch: no rank has a batch left in it. Start the next epoch, as the
                 # uninterrupted run does (transformers would see an empty epoch and stop training).
                 self._stream.start_next_epoch()
+                self._pass_epoch += 1
                 logger.info("%s ends epoch %d on every rank: resuming with epoch %d.", checkpoint,
                             self._stream.epoch - 1, self._stream.epoch)
         if self.args.should_save:
             dropped = ckpt.truncate_metrics(self.args.output_dir, ckpt.resumed_step(checkpoint))
             if dropped:
                 logger.info("metrics.jsonl: dropped %d records logged after %s.", dropped, checkpoint)
+
+    def _load_data_state(self, checkpoint: str) -> None:
+        """This rank's stream position from ``checkpoint``."""
+        path = Path(checkpoint) / DATA_STATE_FILE.format(rank=self.args.process_index)
+        if not path.exists():
+            raise ValueError(
+                f"{path} is missing: the checkpoint has no data position for rank {self.args.process_index} "
+                "(saved with another world size, or a run that was not streamed?). Resume with the world size and "
+                "data it was saved with."
+            )
+        self._data_state = json.loads(path.read_text())
+        self._stream.load_state_dict(self._data_state)
 
     def _zero_stage(self) -> int | None:
         if not self.is_deepspeed_enabled:
@@ -389,9 +413,12 @@ class RewardTrainer(Trainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        if self._stream is not None and self._data_state is not None:
+        if self._stream is not None:  # every rank writes one, also a rank that has only padded in this epoch
+            state = self._data_state
+            if state is None or state["epoch"] != self._pass_epoch:
+                state = self._stream.start_state(epoch=self._pass_epoch)
             path = Path(output_dir) / DATA_STATE_FILE.format(rank=self.args.process_index)
-            path.write_text(json.dumps(self._data_state))
+            path.write_text(json.dumps(state))
 
     def save_final_model(self, final_dir: str, *, reward_stats: dict[str, float], stats_file: str | None) -> None:
         """Save the trained model (collective under ZeRO-3) to ``final_dir.partial`` and move it into place whole.
