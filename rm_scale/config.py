@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -17,11 +19,63 @@ from rm_scale.distributed import init_gloo_group
 class RewardConfig(TrainingArguments):
     """Configuration of `RewardTrainer`; every `TrainingArguments` field keeps its meaning.
 
-    Differences from `TrainingArguments` defaults, each for a reason:
-    - `remove_unused_columns=False`: the pair columns are not arguments of the model's `forward`.
-    - `ddp_backend` defaults to "gloo" when launched on several processes without a GPU: Accelerate only picks a backend for GPU-like devices,
-      and without one each process believes it is alone and trains on all the data.
+    Every field of TRL 1.16's `RewardConfig` is here with TRL's default (tests/test_trl_parity.py): unlike
+    `TrainingArguments`, `learning_rate=1e-4`, `logging_steps=10`, activation (gradient) checkpointing on, and `bf16`
+    on by default. Where rm_scale resolves a default differently, it says why:
+    - `bf16=None` is True where bf16 runs (a CUDA GPU that supports it) unless fp16 is set, else False. TRL resolves it
+      to `not fp16` everywhere, which makes `RewardConfig()` raise on a machine without such a GPU.
+    - `ddp_backend` defaults to "gloo" when launched on several processes without a GPU: Accelerate only picks a
+      backend for GPU-like devices, and without one each process believes it is alone and trains on all the data.
     """
+
+    # ---- TRL 1.16's fields and defaults -------------------------------------------------------------------------
+    learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW (TRL's default)."})
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X update steps (an integer, or a float in [0, 1): a share of the total steps)."},
+    )
+    activation_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward pass (less memory, ~20% more compute; TRL's default "
+                  "gradient_checkpointing=True). Exact: same rewards and gradients."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. None: on where bf16 runs (a CUDA GPU with bf16) unless fp16 is set."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for AutoModelForSequenceClassification.from_pretrained when `model` is "
+                  "a path or hub name (e.g. {\"dtype\": \"bfloat16\"}); `revision` also picks the tokenizer's."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers that ship their own Python code (when `model` is a name)."},
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "A chat template for the tokenizer: a .jinja / .j2 file, or a tokenizer folder to take the "
+                  "template (and its special tokens) from."},
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "End-of-turn token (in the vocabulary). None: the tokenizer's eos token."}
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto",
+        metadata={"help": "Pad batches to a multiple of this many tokens. 'auto': 128 on Neuron devices, else none."},
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Keep the activations saved for the backward pass in CPU memory (pinned) instead of on the "
+                  "accelerator."},
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Deprecated in TRL 1.1 (removed in its 2.0): set tokenizer.pad_token instead. The padding "
+                  "token; None: the tokenizer's pad token, else its eos token."},
+    )
+
+    # ---- rm_scale's fields --------------------------------------------------------------------------------------
 
     max_length: int | None = field(
         default=1024,
@@ -129,10 +183,6 @@ class RewardConfig(TrainingArguments):
             "UTF-8, empty file, too long) with its file, line, field and fix. Default: skip it and count the reason."
         },
     )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Kept False: the pair columns are consumed by the trainer, not by the model's forward."},
-    )
     save_on_signal: bool = field(
         default=True,
         metadata={
@@ -166,7 +216,16 @@ class RewardConfig(TrainingArguments):
         },
     )
 
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if isinstance(self.pad_to_multiple_of, str):  # the command line passes strings
+            self.pad_to_multiple_of = _pad_multiple(self.pad_to_multiple_of)
+        if self.pad_token is not None:
+            warnings.warn("`pad_token` is deprecated (TRL 1.1, removed in 2.0): set tokenizer.pad_token and pass the "
+                          "tokenizer as processing_class.", FutureWarning, stacklevel=3)
         if self.ddp_backend is None and not torch.cuda.is_available() and _launched_world_size() > 1:
             self.ddp_backend = "gloo"
         if not torch.cuda.is_available():
@@ -194,3 +253,9 @@ class RewardConfig(TrainingArguments):
 def _launched_world_size() -> int:
     """World size set by the launcher (accelerate, torchrun, deepspeed, srun via accelerate); 1 when run plainly."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _pad_multiple(value: str) -> int | None:
+    if value == "auto":  # Neuron compiles once per input shape: padding bounds the number of compilations
+        return 128 if os.environ.get("NEURON_RT_VISIBLE_CORES") else None
+    return None if value.lower() in ("none", "null") else int(value)

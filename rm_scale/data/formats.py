@@ -12,6 +12,8 @@ An optional `margin` column passes through to the loss.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +58,9 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
         out = _pair_columns(prompt + chosen, prompt + rejected)
     elif fmt == "conversational":
         prompt = list(row.get("prompt") or [])
-        out = _pair_columns(conversation_ids(prompt + list(row["chosen"]), tokenizer),
-                            conversation_ids(prompt + list(row["rejected"]), tokenizer))
+        kwargs = template_kwargs(row)
+        out = _pair_columns(conversation_ids(prompt + list(row["chosen"]), tokenizer, **kwargs),
+                            conversation_ids(prompt + list(row["rejected"]), tokenizer, **kwargs))
     elif fmt in ("prompt", "implicit_prompt"):
         prompt = row["prompt"] if fmt == "prompt" else ""
         enc = tokenizer([prompt + row["chosen"], prompt + row["rejected"]], add_special_tokens=True)["input_ids"]
@@ -72,11 +75,19 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
 PLAIN_SEPARATOR = "\n\n"  # between the turns of a conversation when the tokenizer has no chat template
 
 
-def conversation_ids(messages: list[Mapping[str, Any]], tokenizer: Any) -> list[int]:
+def template_kwargs(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's own chat-template arguments, as TRL reads them: ``tools`` (a list, or JSON text) and the
+    ``chat_template_kwargs`` mapping."""
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {**({"tools": tools} if tools else {}), **(row.get("chat_template_kwargs") or {})}
+
+
+def conversation_ids(messages: list[Mapping[str, Any]], tokenizer: Any, **template: Any) -> list[int]:
     """Token ids of a conversation: the tokenizer's chat template, or (without one) the turns' contents joined with
     a blank line and ended with EOS."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **template))
     text = PLAIN_SEPARATOR.join(str(m["content"]) for m in messages)
     return _ensure_eos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.eos_token_id)
 
@@ -99,35 +110,45 @@ def _pair_columns(chosen: list[int], rejected: list[int]) -> dict[str, list[int]
     }
 
 
+LEGACY_IDS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}  # TRL's pre-1.0 names
+PASSED_ON = ("margin", "subset")
+
+
 def prepare_dataset(
     dataset: Any, tokenizer: Any, *, max_length: int | None, num_proc: int | None = None, truncation: str = "drop"
 ) -> Any:
-    """Tokenise a `datasets.Dataset` of any recognised format and drop pairs longer than ``max_length``.
+    """Tokenise a `datasets.Dataset` or `datasets.IterableDataset` (lazily, as it is read) of any recognised format,
+    and drop pairs longer than ``max_length`` (or keep their ends). Tokenised sets pass through: idempotent.
 
     Returns the tokenised data set; the number of dropped pairs is logged by the caller from the length difference.
     """
-    first = dataset[0] if len(dataset) else None
-    fmt = detect_format(dataset.column_names, first)
+    iterable = not hasattr(dataset, "__len__")
+    columns = list(dataset.column_names or []) if not iterable or dataset.column_names else []
+    first = next(iter(dataset), None) if iterable else (dataset[0] if len(dataset) else None)
+    columns = columns or list(first or {})
+    if set(LEGACY_IDS) <= set(columns) and not {"chosen_ids", "rejected_ids"} & set(columns):
+        warnings.warn("Detected legacy dataset columns `chosen_input_ids`/`rejected_input_ids`; they are deprecated "
+                      "(TRL): use `chosen_ids`/`rejected_ids`.", FutureWarning, stacklevel=3)
+        dataset = dataset.rename_columns(LEGACY_IDS)
+        columns = [LEGACY_IDS.get(c, c) for c in columns]
+        first = {LEGACY_IDS.get(k, k): v for k, v in (first or {}).items()}
+    fmt = detect_format(columns, first)
+    map_kwargs = {} if iterable else {"num_proc": num_proc}
     if fmt != "pretokenized":
         dataset = dataset.map(
             tokenize_pair,
             fn_kwargs={"tokenizer": tokenizer, "fmt": fmt},
-            remove_columns=[c for c in dataset.column_names if c not in ("margin", "subset")],
-            num_proc=num_proc,
-            desc=f"Tokenising ({fmt})",
+            remove_columns=[c for c in columns if c not in PASSED_ON],
+            **map_kwargs, **({} if iterable else {"desc": f"Tokenising ({fmt})"}),
         )
     if max_length is not None and truncation == "keep_end":
-        return dataset.map(truncate_pair, fn_kwargs={"limit": max_length}, num_proc=num_proc,
-                           desc=f"Keeping the last {max_length} tokens")
+        return dataset.map(truncate_pair, fn_kwargs={"limit": max_length}, **map_kwargs)
     if max_length is not None:
         dataset = dataset.filter(
             lambda r: len(r["input_ids_chosen"]) <= max_length and len(r["input_ids_rejected"]) <= max_length,
-            num_proc=num_proc,
-            desc=f"Dropping pairs longer than {max_length}",
+            **map_kwargs,
         )
     return dataset
-
-
 
 
 def truncate_pair(pair: dict[str, Any], limit: int) -> dict[str, Any]:

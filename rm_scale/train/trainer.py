@@ -21,22 +21,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers import AutoTokenizer, PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from rm_scale.config import RewardConfig
 from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, padding_batch
-from rm_scale.data.formats import prepare_dataset
+from rm_scale.data.formats import PRETOKENIZED, prepare_dataset
 from rm_scale.data.stream import PairFiles, PairStream, require_pairs, stream_config
 from rm_scale.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.lora import add_lora
 from rm_scale.model.packed_attention import use_packed_attention
+from rm_scale.model.tokenizer import configure_tokenizer
 from rm_scale.model.reward import (
     base_model,
     disable_dropout,
-    ensure_pad_token,
     forward_packed_rewards,
     forward_rewards,
     load_reward_model,
@@ -64,16 +64,26 @@ class RewardTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        tokenizer: Any = None,
-        model_init: Callable | None = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any = None,
         peft_config: Any = None,
+        *,
+        tokenizer: Any = None,
+        model_init: Callable | None = None,
     ) -> None:
-        args = _setup_args(args)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        args = _setup_args(args, model)
+        # As TRL: seeded before the model is built, so LoRA's random adapter init follows args.seed (a fresh score
+        # head does not depend on it: rm_scale.model.reward.init_score_head has its own generator).
+        set_seed(args.seed)
         processing_class = _one_tokenizer(tokenizer, processing_class)
+        if quantization_config is not None:
+            _add_quantization(args, model, quantization_config)
         model, processing_class = _setup_model(model, args, processing_class, peft_config)
         self._stream: PairStream | None = None
         train_dataset = self._setup_train_data(train_dataset, processing_class, args)
@@ -81,7 +91,8 @@ class RewardTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or RewardDataCollatorWithPadding(processing_class),
+            data_collator=data_collator or RewardDataCollatorWithPadding(
+                processing_class, pad_to_multiple_of=args.pad_to_multiple_of),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -89,6 +100,7 @@ class RewardTrainer(Trainer):
             compute_metrics=compute_metrics or compute_reward_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self._setup_state()
@@ -134,6 +146,13 @@ class RewardTrainer(Trainer):
             self.add_callback(self._preemption)
 
     # ---- loss -------------------------------------------------------------------------------------------------
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.args.activation_offloading:
+            return super().training_step(*args, **kwargs)
+        # the activations kept for the backward pass wait in (pinned) CPU memory
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return super().training_step(*args, **kwargs)
 
     def compute_loss(
         self,
@@ -438,6 +457,21 @@ class RewardTrainer(Trainer):
 
     # ---- evaluation -------------------------------------------------------------------------------------------
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`; a data set passed here (Dataset, IterableDataset, DatasetDict, or a dict of them:
+        metrics ``eval_<name>_*``) is prepared as at init. A string names one of the init's eval sets."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = _setup_eval_data(eval_dataset, self.processing_class, self.args)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                metric_key_prefix=metric_key_prefix)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns (on by default, as in TRL) keeps the columns the collator reads, not the model's
+        # forward arguments; `subset` stays for per-subset accuracy.
+        if self._signature_columns is None:
+            self._signature_columns = [*PRETOKENIZED, "margin", "subset"]
+
     def prediction_step(
         self,
         model: nn.Module,
@@ -510,15 +544,26 @@ def pair_rewards(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Ten
     return rewards[:n], rewards[n:], tokens
 
 
-def _setup_args(args: RewardConfig | None) -> RewardConfig:
-    if args is None:
-        return RewardConfig(output_dir="rm_scale_output")
+def _setup_args(args: RewardConfig | None, model: Any) -> RewardConfig:
+    if args is None:  # as TRL: "<model name>-Reward"
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        return RewardConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-Reward")
     if not isinstance(args, RewardConfig):
         raise ValueError(
             f"RewardTrainer needs args=RewardConfig(...), got {type(args).__name__}. RewardConfig accepts every "
             "TrainingArguments field: RewardConfig(**training_args.to_dict())."
         )
     return copy.copy(args)  # the trainer sets a few fields (ignore_data_skip, checkpointing kwargs) on its own copy
+
+
+def _add_quantization(args: RewardConfig, model: Any, quantization_config: Any) -> None:
+    if not isinstance(model, str):
+        logger.warning("quantization_config is ignored: the model is already instantiated.")
+        return
+    if "quantization_config" in (args.model_init_kwargs or {}):
+        raise ValueError("You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. "
+                         "Please set it in only one place, preferably as a trainer argument.")
+    args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": quantization_config}
 
 
 def _one_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
@@ -528,25 +573,35 @@ def _one_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
 
 
 def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: Any) -> tuple[nn.Module, Any]:
-    """The model to train (loaded when given as a path), with pad token, dropout off, LoRA and the compute savings."""
+    """The model to train (loaded when given as a path) and its tokenizer (loaded from the model's name when not
+    given), with TRL's token options, dropout off, LoRA and the compute savings."""
     if model is None:
         raise ValueError("RewardTrainer needs model= (a model or a path / hub name).")
+    revision = (args.model_init_kwargs or {}).get("revision")
     if isinstance(model, str):
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
-        model = load_reward_model(model, score_head_seed=args.score_head_seed)
-    if tokenizer is None:
-        raise ValueError("RewardTrainer needs the tokenizer: pass tokenizer= (or processing_class=).")
-    ensure_pad_token(tokenizer)
-    base_model(model).config.pad_token_id = tokenizer.pad_token_id
+        kwargs = {"dtype": "float32", **(args.model_init_kwargs or {})}
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        model = load_reward_model(model, score_head_seed=args.score_head_seed, **kwargs)
+    elif base_model(model).config.num_labels != 1:
+        raise ValueError(
+            f"The model has `num_labels={base_model(model).config.num_labels}`, but reward models require "
+            "`num_labels=1` to output a single scalar reward per sequence. Load it with num_labels=1, or pass its "
+            "name as a string to have it configured automatically."
+        )
+    if tokenizer is None:  # as TRL: the tokenizer of the model's own name or folder
+        tokenizer = AutoTokenizer.from_pretrained(base_model(model).config._name_or_path, revision=revision,
+                                                  trust_remote_code=args.trust_remote_code)
+    configure_tokenizer(tokenizer, model, eos_token=args.eos_token, pad_token=args.pad_token,
+                        chat_template_path=args.chat_template_path)
     base_model(model).config.use_cache = False  # no KV cache in training; some heads reject the kwarg
-    if args.disable_dropout:
-        disable_dropout(model)
     if peft_config is not None:
         if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
             # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant.
             # (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
             args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": True}
         model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing)
+    if args.disable_dropout:  # after PEFT: LoRA's own dropout too
+        disable_dropout(model)
     if args.batching == "packed" and args.packed_attention:
         use_packed_attention(base_model(model))
     if args.sparse_last_layer:
@@ -555,14 +610,23 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
 
 
 def _setup_eval_data(dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
-    if isinstance(dataset, Mapping):
+    if isinstance(dataset, PairFiles):
+        raise ValueError("eval_dataset=PairFiles(...) is not supported yet: pass a datasets.Dataset, or use the recipe's "
+                         "data.eval (files are read whole, every pair counted once across ranks).")
+    if isinstance(dataset, Mapping):  # a dict, DatasetDict or IterableDatasetDict: one eval set per name
         return {k: _tokenize(v, tokenizer, args, f"eval {k}") for k, v in dataset.items()}
     return _tokenize(dataset, tokenizer, args, "eval")
 
 
 def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:
-    if dataset is None or not hasattr(dataset, "map") or not hasattr(dataset, "__len__"):
+    """Tokenise a `datasets.Dataset` (counted drops) or `IterableDataset` (lazily, as it is read), as TRL prepares
+    them; anything else (a torch dataset of tokenised pairs, a stream) passes through."""
+    if dataset is None or not hasattr(dataset, "map"):
         return dataset
+    if not hasattr(dataset, "__len__"):  # datasets.IterableDataset (load_dataset(..., streaming=True))
+        # Accelerate's dispatch mode would concatenate the ranks' batches of an iterable set (as TRL, off).
+        args.accelerator_config.dispatch_batches = False
+        return prepare_dataset(dataset, tokenizer, max_length=args.max_length, truncation=args.truncation)
     before = len(dataset)
     with args.main_process_first(desc=f"tokenising the {name} data"):
         dataset = prepare_dataset(dataset, tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc,
