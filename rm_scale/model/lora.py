@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from torch import nn
 
 from rm_scale.model.reward import SCORE_HEAD_NAMES, base_model
+
+logger = logging.getLogger(__name__)
 
 
 def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool) -> nn.Module:
@@ -26,6 +29,8 @@ def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool) -> nn.M
     # The score head must be trained and saved with the adapter (TaskType.SEQ_CLS adds it; other task types don't).
     modules_to_save = list(peft_config.modules_to_save or [])
     if head not in modules_to_save:
+        logger.info("LoRA: the score head %r is trained and saved with the adapter (added to modules_to_save; TRL "
+                    "leaves it frozen for task types other than SEQ_CLS).", head)
         peft_config.modules_to_save = modules_to_save + [head]
     if checkpointing:
         inner.enable_input_require_grads()
