@@ -35,9 +35,9 @@ class RewardConfig(TrainingArguments):
         metadata={"help": "Log every X update steps (an integer, or a float in [0, 1): a share of the total steps)."},
     )
     activation_checkpointing: bool | None = field(
-        default=True,
-        metadata={"help": "Recompute activations in the backward pass (less memory, ~20% more compute; TRL's default "
-                  "gradient_checkpointing=True). Exact: same rewards and gradients."},
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass (less memory, ~20% more compute; exact). None: "
+                  "gradient_checkpointing if given (TRL's name), else on (TRL's default)."},
     )
     bf16: bool | None = field(
         default=None,
@@ -219,6 +219,8 @@ class RewardConfig(TrainingArguments):
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     def __post_init__(self) -> None:
+        if self.activation_checkpointing is None:  # TRL's gradient_checkpointing=False must still turn it off
+            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if isinstance(self.pad_to_multiple_of, str):  # the command line passes strings

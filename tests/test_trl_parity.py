@@ -39,6 +39,11 @@ def test_every_trl_reward_config_field_exists_with_trls_default(tmp_path):
     assert not missing
     differ = {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k] and k not in RESOLVED_DIFFERENTLY}
     assert not differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        off = {m: m.RewardConfig(output_dir=str(tmp_path), bf16=False, gradient_checkpointing=False)
+               for m in (trl, rm_scale)}
+    assert not off[trl].activation_checkpointing and not off[rm_scale].activation_checkpointing  # TRL's name works
     trl_fields = {f.name: f for f in dataclasses.fields(trl.RewardConfig)}
     for name in ("learning_rate", "logging_steps", "max_length", "disable_dropout", "pad_to_multiple_of",
                  "center_rewards_coefficient", "activation_offloading", "trust_remote_code"):
