@@ -231,3 +231,31 @@ def test_zero3_two_ranks_train_on_an_iterable_dataset_and_evaluate_a_dict_of_set
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "METRICS ['eval_a_loss', 'eval_b_loss'] 3" in proc.stdout
+
+
+def test_trls_command_line_works_without_a_recipe_and_the_model_gets_a_card(tiny_dir, tmp_path):
+    """`trl reward --model_name_or_path M --dataset_name D ...` becomes `rm-scale train ...` with the same flags."""
+    import json
+    import subprocess
+    import sys
+
+    from launch import ROOT, env
+    from rm_scale.commands.recipe import recipe_from_trl_flags
+
+    rows = [json.loads(line) for line in open(ROOT / "rm_scale" / "data" / "demo_data" / "train.jsonl")][:32]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rm_scale", "train", "--model_name_or_path", str(tiny_dir), "--dataset_name",
+           str(data), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--report_to", "none", "--bf16", "false", "--save_strategy", "no", "--use_peft", "--lora_r", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "final" / "adapter_config.json").exists()
+    card = (out / "final" / "README.md").read_text()
+    assert f'base_model: "{tiny_dir}"' in card and "| lora_r | 4 |" in card and "## Use" in card
+    recipe = recipe_from_trl_flags(["--model_name_or_path", "org/model", "--dataset_name", "trl-lib/ultrafeedback",
+                                    "--dataset_config", "default", "--eval_strategy", "steps", "--output_dir", "o"])
+    assert recipe["data"] == {"train": ["hub:trl-lib/ultrafeedback:default@train"],
+                              "eval": ["hub:trl-lib/ultrafeedback:default@test"]}
+    assert recipe["model"]["name_or_path"] == "org/model" and recipe["train"]["eval_strategy"] == "steps"

@@ -1,6 +1,7 @@
 """`rm-scale` command line: `train`, `eval`, `inspect-data`, `demo`.
 
     rm-scale train --config recipe.yaml [--key value ...] [--dry-run]
+    rm-scale train --model_name_or_path M --dataset_name D --output_dir O [...]   (TRL's `trl reward` flags)
     rm-scale eval --model outputs/run/final --data test.jsonl [--json]
     rm-scale inspect-data data/*.jsonl.gz --world-size 8 [--json]
     accelerate launch --config_file launch/zero3.yaml -m rm_scale train --config recipes/zero3.yaml
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rm-scale", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a reward model from a recipe")
-    train.add_argument("--config", required=True, help="recipe YAML (sections model, lora, data, train)")
+    train.add_argument("--config", help="recipe YAML (sections model, lora, data, train); without it, TRL's flags: "
+                       "--model_name_or_path M --dataset_name D [--dataset_config C] [--use_peft] --output_dir O")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed dict, then exit")
     train.add_argument(
         "--launch-config", help="with --dry-run: the accelerate YAML whose DeepSpeed JSON and process count to show"
@@ -65,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "train":
-        from rm_scale.commands.recipe import load_recipe  # lazy, as every command below: --help imports no torch
+        from rm_scale.commands.recipe import load_recipe, recipe_from_trl_flags  # lazy, as below: --help needs no torch
         from rm_scale.train.preemption import restore_default_sigterm  # lazy: imports torch
 
         restore_default_sigterm()
 
-        recipe = load_recipe(args.config, rest)
+        recipe = load_recipe(args.config, rest) if args.config else recipe_from_trl_flags(rest)
         if args.dry_run:
             return dry_run(recipe, launch_config=args.launch_config)
         from rm_scale.commands.run import train_from_recipe  # lazy: imports torch

@@ -65,13 +65,29 @@ def _coerce_yaml_1_1(train: dict[str, Any]) -> None:
             train[key] = "yes" if value else "no"
 
 
-def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
-    if len(overrides) % 2:
-        raise ValueError(f"Overrides come as --key value pairs; got {list(overrides)}.")
-    train_fields = _reward_config_fields()
-    for flag, raw in zip(overrides[::2], overrides[1::2]):
+def flag_pairs(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``--key value`` pairs; a flag followed by another flag (or nothing) is a boolean switch: ``--bf16`` = true."""
+    out, i = [], 0
+    while i < len(args):
+        flag = args[i]
         if not flag.startswith("--"):
-            raise ValueError(f"Override {flag!r} must look like --key or --section.key.")
+            raise ValueError(f"Override {flag!r} must look like --key or --section.key (then its value).")
+        if "=" in flag:  # --key=value
+            key, _, value = flag.partition("=")
+            out.append((key, value))
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append((flag, args[i + 1]))
+            i += 2
+        else:
+            out.append((flag, "true"))
+            i += 1
+    return out
+
+
+def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
+    train_fields = _reward_config_fields()
+    for flag, raw in flag_pairs(overrides):
         key = flag[2:].replace("-", "_")
         value = _parse_value(raw)
         if "." in key:
@@ -184,3 +200,48 @@ def resolve_data(recipe: dict[str, Any], args: RewardConfig) -> DataSpec:
     streaming = data.get("streaming", "auto")
     streaming = args.max_steps > 0 if streaming == "auto" else bool(streaming)
     return DataSpec(train=train, eval=evaluation, streaming=streaming)
+
+
+# TRL's command line (`trl reward --model_name_or_path M --dataset_name D ...`): ScriptArguments and ModelConfig flags.
+TRL_DATA_FLAGS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split")
+TRL_MODEL_FLAGS = ("model_name_or_path", "model_revision", "dtype", "torch_dtype", "trust_remote_code")
+TRL_LORA_FLAGS = {"use_peft": None, "lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                  "lora_target_modules": "target_modules"}
+
+
+def recipe_from_trl_flags(args: Sequence[str]) -> dict[str, Any]:
+    """A recipe from TRL's reward command line, so ``trl reward ...`` becomes ``rm-scale train ...``: the model and
+    data set flags, ``--use_peft`` with TRL's LoRA defaults (r 16, alpha 32, dropout 0.05), any RewardConfig field."""
+    flags = {k[2:].replace("-", "_"): v for k, v in flag_pairs(args)}
+    known = set(TRL_DATA_FLAGS) | set(TRL_MODEL_FLAGS) | set(TRL_LORA_FLAGS)
+    rest = [x for k, v in flags.items() if k not in known for x in (f"--{k}", v)]
+    for needed in ("model_name_or_path", "dataset_name"):
+        if needed not in flags:
+            raise ValueError(f"rm-scale train needs --config recipe.yaml, or TRL's flags: --{needed} is missing "
+                             "(--model_name_or_path M --dataset_name D [--dataset_config C] [--dataset_train_split S] "
+                             "--output_dir O [any RewardConfig field]).")
+    model = {"name_or_path": flags["model_name_or_path"], "dtype": flags.get("dtype", flags.get("torch_dtype",
+                                                                                                "float32"))}
+    if flags.get("trust_remote_code", "false").lower() == "true":
+        model["trust_remote_code"] = True
+    name, config = flags["dataset_name"], flags.get("dataset_config")
+    data: dict[str, Any] = {"train": [dataset_path(name, config, flags.get("dataset_train_split", "train"))]}
+    eval_strategy = flags.get("eval_strategy", "no")
+    if eval_strategy != "no":
+        data["eval"] = [dataset_path(name, config, flags.get("dataset_test_split", "test"))]
+    lora = None
+    if flags.get("use_peft", "false").lower() == "true":
+        lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+        lora.update({TRL_LORA_FLAGS[k]: _parse_value(v) for k, v in flags.items() if TRL_LORA_FLAGS.get(k)})
+    recipe = {"model": model, "lora": lora, "data": data, "train": {}}
+    _apply_overrides(recipe, rest)
+    validate_recipe(recipe, source="<command line>")
+    _coerce_yaml_1_1(recipe["train"])
+    return recipe
+
+
+def dataset_path(name: str, config: str | None, split: str) -> str:
+    """A local file / folder as it is; a hub data set as ``hub:name[:config]@split`` (streamed by datasets)."""
+    if os.path.exists(os.path.expanduser(name)):
+        return name
+    return f"hub:{name}{':' + config if config else ''}@{split}"

@@ -48,7 +48,7 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     stats = _reward_stats(metrics, pairs=len(trainer.eval_dataset)) if metrics else {}
     set_reward_stats(trainer.model, stats)  # every rank: under ZeRO-3 save_model is collective
     final_dir = os.path.join(args.output_dir, "final")
-    trainer.save_final_model(final_dir, reward_stats=stats,
+    trainer.save_final_model(final_dir, reward_stats=stats, metrics=metrics,
                              stats_file=REWARD_STATS_FILE if recipe.get("lora") is not None else None)
     if trainer.is_world_process_zero():
         _write_reports(args.output_dir, metrics, data_report)

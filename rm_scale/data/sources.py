@@ -24,7 +24,7 @@ from rm_scale.data.mapping import RowMapping, parse_mapping
 from rm_scale.data.presets import preset_mapping
 
 DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
-HUB = "hub:"  # "hub:org/name" or "hub:org/name@split" (default split: train)
+HUB = "hub:"  # "hub:org/name", "hub:org/name@split" (default split: train), "hub:org/name:config@split"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -176,8 +176,9 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
 
     if kind == "hub":
         name, _, split = path[len(HUB):].partition("@")
+        name, _, config = name.partition(":")  # hub:org/name[:config][@split]
         try:
-            rows = load_dataset(name, split=split or "train", streaming=True)
+            rows = load_dataset(name, config or None, split=split or "train", streaming=True)
         except Exception as e:  # offline, unknown name, gated: say which source and how to fix it
             raise ValueError(f"{path}: cannot open the hub data set {name!r} ({type(e).__name__}: {e}). Check the "
                              "name and the network (HF_HUB_OFFLINE), or download it and give local files.") from e

@@ -31,6 +31,7 @@ from rm_scale.data.stream import PairFiles, PairStream, require_pairs, stream_co
 from rm_scale.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
+from rm_scale.model.card import write_model_card
 from rm_scale.model.lora import add_lora
 from rm_scale.model.packed_attention import use_packed_attention
 from rm_scale.model.tokenizer import configure_tokenizer
@@ -107,6 +108,7 @@ class RewardTrainer(Trainer):
         self._setup_callbacks()
 
     def _setup_train_data(self, dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
+        self._data_description = _describe_data(dataset)  # for the model card
         if not isinstance(dataset, PairFiles):
             return _tokenize(dataset, tokenizer, args, "train")
         if args.dataloader_num_workers > 1:
@@ -439,10 +441,11 @@ class RewardTrainer(Trainer):
             path = Path(output_dir) / DATA_STATE_FILE.format(rank=self.args.process_index)
             path.write_text(json.dumps(state))
 
-    def save_final_model(self, final_dir: str, *, reward_stats: dict[str, float], stats_file: str | None) -> None:
-        """Save the trained model (collective under ZeRO-3) to ``final_dir.partial`` and move it into place whole.
-        ``reward_stats`` go into the model config; with ``stats_file`` (adapters: no config.json of the model) into
-        that file of the folder too."""
+    def save_final_model(self, final_dir: str, *, reward_stats: dict[str, float], stats_file: str | None,
+                         metrics: dict[str, Any] | None = None) -> None:
+        """Save the trained model (collective under ZeRO-3) to ``final_dir.partial`` with its model card, and move it
+        into place whole. ``reward_stats`` go into the model config; with ``stats_file`` (adapters: no config.json of
+        the model) into that file of the folder too."""
         staging = final_dir + ".partial"
         if self.is_world_process_zero() and os.path.isdir(staging):
             shutil.rmtree(staging)  # left by a run killed while saving
@@ -453,7 +456,25 @@ class RewardTrainer(Trainer):
             if reward_stats and stats_file:
                 with open(os.path.join(staging, stats_file), "w") as f:
                     json.dump(reward_stats, f, indent=2)
+            write_model_card(staging, base_model=str(base_model(self.model).config._name_or_path),
+                             data=self._data_description, hyperparameters=self._card_settings(),
+                             metrics=metrics or {}, adapter=stats_file is not None)
             ckpt.publish(staging, final_dir)
+
+    def _card_settings(self) -> dict[str, Any]:
+        a = self.args
+        out = {"steps": self.state.global_step, "learning_rate": a.learning_rate,
+               "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+               "per_device_train_batch_size": a.per_device_train_batch_size,
+               "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": a.world_size,
+               "max_length": a.max_length, "center_rewards_coefficient": a.center_rewards_coefficient,
+               "batching": a.batching, "bf16": a.bf16, "seed": a.seed,
+               "deepspeed_zero_stage": self._zero_stage()}
+        peft = getattr(self.model, "peft_config", None)
+        if peft:
+            lora = next(iter(peft.values()))
+            out.update({"lora_r": getattr(lora, "r", None), "lora_alpha": getattr(lora, "lora_alpha", None)})
+        return out
 
     # ---- evaluation -------------------------------------------------------------------------------------------
 
@@ -655,3 +676,12 @@ def skipped_rows(reports: list[dict[str, Any]]) -> dict[str, int]:
         for reason, n in (report or {}).get("dropped", {}).items():
             total[reason] = total.get(reason, 0) + n
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def _describe_data(dataset: Any) -> list[str]:
+    if isinstance(dataset, PairFiles):
+        return [str(getattr(f, "paths", f)) for f in dataset.files]
+    info = getattr(dataset, "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    size = f" ({len(dataset)} rows)" if hasattr(dataset, "__len__") else ""
+    return [f"{name or type(dataset).__name__}{size}"]
