@@ -259,3 +259,38 @@ def test_trls_command_line_works_without_a_recipe_and_the_model_gets_a_card(tiny
     assert recipe["data"] == {"train": ["hub:trl-lib/ultrafeedback:default@train"],
                               "eval": ["hub:trl-lib/ultrafeedback:default@test"]}
     assert recipe["model"]["name_or_path"] == "org/model" and recipe["train"]["eval_strategy"] == "steps"
+
+
+def test_row_tools_and_template_kwargs_reach_the_chat_template(tiny_dir, tmp_path):
+    """TRL's per-row `tools` (a list or JSON text) and `chat_template_kwargs` go to apply_chat_template."""
+    from rm_scale.data.formats import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = ("{% if tools %}tools {{ tools | length }} {% endif %}{% if style %}{{ style }} {% endif %}"
+                         "{% for m in messages %}{{ m['content'] }} <eos> {% endfor %}")
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "Sure"}],
+           "rejected": [{"role": "assistant", "content": "no"}], "tools": '[{"name": "a"}, {"name": "b"}]',
+           "chat_template_kwargs": {"style": "rice"}}
+    ids = tokenize_pair(row, tok, fmt="conversational")["input_ids_chosen"]
+    messages = row["prompt"] + row["chosen"]
+    expected = tok.apply_chat_template(messages, tools=[{"name": "a"}, {"name": "b"}], style="rice", tokenize=True,
+                                       return_dict=False)
+    assert ids == list(expected)
+    assert ids != list(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+
+def test_optimizer_offloading_and_token_options_as_trl_users_pass_them(tiny_dir, tmp_path, rows):
+    args = _args(rm_scale.RewardConfig, tmp_path, max_steps=2, activation_offloading=True, pad_token="<pad>")
+    trainer = rm_scale.RewardTrainer(str(tiny_dir), args, None, rows,
+                                     optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      torch.optim.SGD)
+    assert trainer.processing_class.pad_token == "<pad>" and trainer.state.global_step == 2
+    other = tmp_path / "other_tok"  # chat_template_path: a tokenizer folder to take the template from
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} <eos> {% endfor %}"
+    tok.save_pretrained(other)
+    trainer = rm_scale.RewardTrainer(str(tiny_dir), _args(rm_scale.RewardConfig, tmp_path, max_steps=1,
+                                                          chat_template_path=str(other)), train_dataset=rows)
+    assert trainer.processing_class.chat_template == tok.chat_template

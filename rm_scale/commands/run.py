@@ -49,6 +49,7 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     set_reward_stats(trainer.model, stats)  # every rank: under ZeRO-3 save_model is collective
     final_dir = os.path.join(args.output_dir, "final")
     trainer.save_final_model(final_dir, reward_stats=stats, metrics=metrics,
+                             data=[f"{s.paths}" + (f" (format: {s.format})" if s.format else "") for s in data_spec.train],
                              stats_file=REWARD_STATS_FILE if recipe.get("lora") is not None else None)
     if trainer.is_world_process_zero():
         _write_reports(args.output_dir, metrics, data_report)

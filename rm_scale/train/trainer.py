@@ -442,7 +442,7 @@ class RewardTrainer(Trainer):
             path.write_text(json.dumps(state))
 
     def save_final_model(self, final_dir: str, *, reward_stats: dict[str, float], stats_file: str | None,
-                         metrics: dict[str, Any] | None = None) -> None:
+                         metrics: dict[str, Any] | None = None, data: list[str] | None = None) -> None:
         """Save the trained model (collective under ZeRO-3) to ``final_dir.partial`` with its model card, and move it
         into place whole. ``reward_stats`` go into the model config; with ``stats_file`` (adapters: no config.json of
         the model) into that file of the folder too."""
@@ -457,7 +457,7 @@ class RewardTrainer(Trainer):
                 with open(os.path.join(staging, stats_file), "w") as f:
                     json.dump(reward_stats, f, indent=2)
             write_model_card(staging, base_model=str(base_model(self.model).config._name_or_path),
-                             data=self._data_description, hyperparameters=self._card_settings(),
+                             data=data or self._data_description, hyperparameters=self._card_settings(),
                              metrics=metrics or {}, adapter=stats_file is not None)
             ckpt.publish(staging, final_dir)
 
