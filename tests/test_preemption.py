@@ -115,6 +115,28 @@ def test_sigusr1_checkpoints_exits_75_and_auto_resume_equals_uninterrupted(setup
     assert kept[-1][0] == STEPS and (out / LATEST).read_text().strip() == f"checkpoint-{STEPS}"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_signal_to_one_rank_only_checkpoints_every_rank(setup, uninterrupted, rank):
+    """SIGUSR1 to a single worker (not what Slurm does, but what `kill` does): the ranks agree at the next step, both
+    save and exit 75, and the resumed run ends equal to the uninterrupted one."""
+    tmp, recipe, launch = setup
+    ref, ref_losses = uninterrupted
+    out, log = tmp / f"one_rank{rank}", tmp / f"one_rank{rank}.log"
+    proc = start_train(recipe, ["--output_dir", str(out)], launch=launch, log=log)
+    _wait_for(lambda: (out / "checkpoint-4" / MARKER).exists(), proc, log)
+    os.kill(worker_pids(proc)[rank], signal.SIGUSR1)
+    rc = _finish(proc, log)
+    text = log.read_text()
+    assert rc != 0 and text.count(f"exitcode  : {PREEMPTED_EXIT_CODE}") == 2, text[-4000:]
+    step = int(latest_checkpoint(out).rsplit("-", 1)[1])
+    assert 4 <= step < STEPS and json.loads((out / f"checkpoint-{step}" / MARKER).read_text())["world_size"] == 2
+    run_train(recipe, ["--output_dir", str(out), "--resume_from_checkpoint", "auto"], launch=launch)
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(abs(losses[s] - ref_losses[s]) <= 1e-6 for s in losses)
+    _assert_same_model(out, ref)
+
+
 def test_rank_killed_during_a_save_fails_fast_and_the_previous_checkpoint_resumes(setup, uninterrupted):
     tmp, recipe, launch = setup
     ref, ref_losses = uninterrupted
