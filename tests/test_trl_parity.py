@@ -176,6 +176,10 @@ def test_evaluate_prepares_raw_sets_and_dicts_of_them(tiny_dir, tmp_path, rows):
     assert {"eval_x_loss", "eval_y_loss", "eval_x_accuracy"} <= set(metrics)
     streamed = IterableDataset.from_generator(lambda: iter(rows.select(range(8))))
     assert "eval_loss" in trainer.evaluate(eval_dataset=streamed)
+    from datasets import IterableDatasetDict
+
+    both = IterableDatasetDict({"s": IterableDataset.from_generator(lambda: iter(rows.select(range(8))))})
+    assert "eval_s_loss" in trainer.evaluate(eval_dataset=both)
     assert "eval_a_loss" in trainer.evaluate()
 
 
