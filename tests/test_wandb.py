@@ -138,6 +138,27 @@ def test_two_rank_zero3_run_logs_once_with_rewards_from_every_rank(first_run):
 
 
 @pytest.mark.slow
+def test_two_rank_zero3_resume_continues_the_same_run(first_run):
+    """The 2-rank run's checkpoint resumed by 2 ranks in a new folder: rank 0 alone reopens the same W&B run, which
+    goes on at step 3."""
+    tmp = first_run["tmp"]
+    out = tmp / "zero3"
+    if not (out / "checkpoint-2").exists():
+        test_two_rank_zero3_run_logs_once_with_rewards_from_every_rank(first_run)
+    (first,) = run_files(tmp / "wb_zero3")
+    run_id = read_run(first)["run"].run_id
+    launch = launch_config("zero3.yaml", tmp, ds_config=tiny_ds_config("zero3.json", tmp))
+    resumed = tmp / "zero3_resumed"
+    run_train(first_run["recipe"], ["--output_dir", str(resumed), "--per_device_train_batch_size", "2",
+                                    "--resume_from_checkpoint", str(out / "checkpoint-2")], launch=launch,
+              extra_env={"WANDB_DIR": str(tmp / "wb_zero3_resumed")})
+    (run_file,) = run_files(tmp / "wb_zero3_resumed")  # one run, from rank 0 only
+    again = read_run(run_file)
+    assert again["run"].run_id == run_id and (resumed / "wandb_run_id").read_text().strip() == run_id
+    assert [h["train/global_step"] for h in _rows(again["history"], "train/loss_exact")] == [3, 4]
+
+
+@pytest.mark.slow
 def test_no_secret_reaches_any_file(first_run):
     written = [p for d in (first_run["tmp"] / "wb1", first_run["out"]) for p in d.rglob("*") if p.is_file()]
     assert len(written) > 10 and first_run["run_file"] in written
