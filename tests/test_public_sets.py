@@ -344,3 +344,38 @@ def test_where_arguments_are_checked_and_multi_response_rows_keep_their_own_labe
     row = {"q": "Which?", "r1": "good", "r2": "bad", "preference": [1]}
     pairs, _ = _read(tmp_path, [row], columns={"prompt": "q", "responses": ["r1", "r2"]})
     assert _decided(pairs) == [("good", "bad")]
+
+
+def test_formats_are_described_as_training_reads_them_with_groups_and_filters(tmp_path):
+    """inspect-data's format line reads a source through the stream: adjacent HelpSteer2 rows are grouped, filtered
+    rows skipped (read row by row, the first row alone is 'fewer than 2 responses')."""
+    from rm_scale.commands.inspect_data import describe_formats
+
+    rows = [{"prompt": "c#", "response": "C# is a language.", "helpfulness": 3},
+            {"prompt": "c#", "response": "A note.", "helpfulness": 1}]
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = StreamConfig(sources=[{"path": str(path), "format": "helpsteer2"}], pairs_per_batch=4, max_length=None)
+    assert describe_formats(config) == ["helpsteer2 → conversational"]
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+HH_REAL = SHARED / "hh-rlhf-harmless-base" / "pairs.jsonl.gz"
+FG_REAL = SHARED / "finegrained-qa-feedback" / "dev_feedback.json"
+
+
+@pytest.mark.skipif(not (HH_REAL.exists() and FG_REAL.exists()), reason=f"real data not found at {SHARED}")
+def test_real_published_files_read_the_same_through_a_preset_or_a_mapping(tmp_path):
+    """Real files nobody here wrote: hh-rlhf through `format: hh_rlhf` equals reading it plainly, and FineGrained's
+    4 answers + pairwise labels spelled out in `columns:` equal the built-in detection, pair for pair."""
+    def read(source):
+        return canonical_pairs(StreamConfig(sources=[source], pairs_per_batch=4, max_length=None))
+
+    plain, plain_stats = read(str(HH_REAL))
+    preset, preset_stats = read({"path": str(HH_REAL), "format": "hh_rlhf"})
+    assert len(plain) > 1900 and plain == preset and plain_stats.dropped == preset_stats.dropped
+    auto, auto_stats = read(str(FG_REAL))
+    mapped, mapped_stats = read({"path": str(FG_REAL), "columns": {
+        "prompt": "question", "responses": [f"prediction {i}" for i in range(1, 5)], "pair_labels": "preference",
+        "label_coding": "1_2_0"}})
+    assert len(auto) > 2000 and auto == mapped and auto_stats.dropped == mapped_stats.dropped

@@ -16,31 +16,24 @@ from rm_scale.commands.recipe import load_recipe, resolve_model_path
 from rm_scale.data.batching import rank_balance
 from rm_scale.data.collate import computed_tokens
 from rm_scale.data.formats import detect_format, tokenize_canonical
-from rm_scale.data.pairs import to_pairs
-from rm_scale.data.sources import BadRow, iter_records, parse_sources, record_row, resolve_files
+from rm_scale.data.sources import BadRow, parse_sources
 from rm_scale.data.stream import PairStream, StreamConfig, canonical_pairs
 from rm_scale.model.reward import ensure_pad_token
 
 
 def describe_formats(config: StreamConfig) -> list[str]:
-    """The format of each source, read from its first usable row (or why none was usable)."""
+    """The format of each source, read from its first usable pair as training reads it (where filters and row groups
+    included), or why none was usable among its first 100 bad rows."""
     names = []
     for source in config.sources:
-        name, problems = None, []
-        for rec in (r for path in resolve_files(source.paths) for r in iter_records(path)):
-            try:
-                pairs = [p for p in to_pairs(record_row(rec), source.mapping) if "drop" not in p]
-            except BadRow as e:
-                problems.append(e)
-                if len(problems) >= 100:
-                    break
-                continue
-            if pairs:
-                pair = {k: v for k, v in pairs[0].items() if not (k == "prompt" and v is None)}
-                name = detect_format(list(pair), pair)
-                name = f"{source.format or 'columns mapping'} → {name}" if not source.mapping.is_empty else name
-                break
-        if name is None:
+        problems: list[BadRow] = []
+        pairs, _ = canonical_pairs(dataclasses.replace(config, sources=[source], eval_fraction=0.0), limit=1,
+                                   errors=problems, max_errors=100)
+        if pairs:
+            pair = {k: v for k, v in pairs[0].items() if not (k == "prompt" and v is None)}
+            name = detect_format(list(pair), pair)
+            name = f"{source.format or 'columns mapping'} → {name}" if not source.mapping.is_empty else name
+        else:
             name = f"unknown: no usable row among the first {len(problems)}" + (
                 f" (first: {problems[0]})" if problems else "")
         names.append(name)

@@ -232,7 +232,7 @@ def matches(row: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
         if isinstance(cond, Mapping):
             op, arg = next(iter(cond.items()))
             if op in ("at_least", "at_most"):
-                ok = _finite(value) and (value >= arg if op == "at_least" else value <= arg)
+                ok = is_finite_number(value) and (value >= arg if op == "at_least" else value <= arg)
             else:
                 ok = {"not": value != arg, "in": value in (arg or []), "not_in": value not in (arg or [])}[op]
         else:
@@ -266,14 +266,10 @@ def ignored_label_columns(row: Mapping[str, Any], mapping: RowMapping) -> list[s
 # ---- labels -------------------------------------------------------------------------------------------------------
 
 
-def is_finite_number(value: Any) -> bool:
-    return _finite(value)
-
-
 def better_index(value: Any, coding: str, n: int) -> int | None:
     """The index of the better of ``n`` responses that a label value names under ``coding``; None for a tie.
     ValueError for a value the coding does not know."""
-    if not (_finite(value) or (isinstance(value, str) and coding == "1_2_0")):
+    if not (is_finite_number(value) or (isinstance(value, str) and coding == "1_2_0")):
         raise ValueError(f"label {value!r} is not a finite number")
     if coding == "index":
         if value != int(value) or not 0 <= value < n:
@@ -303,6 +299,6 @@ def majority(indices: Sequence[int | None]) -> int | None:
     return winners[0] if len(winners) == 1 else None
 
 
-def _finite(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     """A real number (not a bool, NaN or infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -121,14 +121,17 @@ def _message_prompt(prompt: Any, system: str | None, chosen: list[Mapping[str, A
     return list(prompt) if prompt else None
 
 
+def _system_turn(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system and system.strip() else []
+
+
 def _turns(system: str | None, user: str) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system and system.strip() else []) + [
-        {"role": "user", "content": user}]
+    return _system_turn(system) + [{"role": "user", "content": user}]
 
 
 def _prompt_messages(prompt: Any, system: str | None, m: RowMapping) -> list[dict[str, Any]]:
     if isinstance(prompt, list):
-        return ([{"role": "system", "content": system}] if system and system.strip() else []) + list(prompt)
+        return _system_turn(system) + list(prompt)
     if m.transcript:
         if not isinstance(prompt, str):
             raise BadRow("not text", f"transcript prompt must be text, got {type(prompt).__name__}")

@@ -199,9 +199,14 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
 # ---- rows → pairs --------------------------------------------------------------------------------------------------
 
 
+def record_where(record: Mapping[str, Any]) -> str:
+    """``file:line`` of a record, as messages name it (an empty file has no line)."""
+    return f"{record['file']}:{record['line']}" if record.get("line") else record["file"]
+
+
 def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """The row of a record, or BadRow for an unreadable one."""
-    where = f"{record['file']}:{record['line']}" if record["line"] else record["file"]  # an empty file has no line
+    where = record_where(record)
     if "error" in record:
         fix = "remove the file or add rows" if record["error"] == "empty file" else "fix or delete that line"
         reason = record["error"].split(" at ")[0].split(" (")[0]

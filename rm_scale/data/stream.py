@@ -30,7 +30,15 @@ from rm_scale.data.formats import pair_length, tokenize_canonical, truncate_pair
 from rm_scale.data.mapping import ignored_label_columns, matches
 from rm_scale.data.presets import presets_reading
 from rm_scale.data.pairs import GROUP, implicit_prompt, in_eval_split, to_pairs
-from rm_scale.data.sources import BadRow, Source, iter_records, parse_sources, record_row, resolve_files
+from rm_scale.data.sources import (
+    BadRow,
+    Source,
+    iter_records,
+    parse_sources,
+    record_row,
+    record_where,
+    resolve_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +154,10 @@ class PairStream(torch.utils.data.IterableDataset):
         probe.epoch, probe._resume, probe._checked = self.epoch, copy.deepcopy(self._resume), set(self._checked)
         return next(iter(probe), None) is not None
 
-    def start_next_epoch(self) -> None:
-        """Make the next iteration the first pass of the next epoch (after this one ended on every rank)."""
+    def start_epoch(self, epoch: int) -> None:
+        """Make the next iteration the first pass of ``epoch`` from its start (no resume position)."""
         self._resume = None
-        self.epoch += 1
+        self.epoch = epoch
 
     # -- upstream -------------------------------------------------------------------------------------------------
 
@@ -258,7 +266,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def canonical_pairs(self, record: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
         """The canonical pairs (and drop markers) of one record in this split, each with its file:line; BadRow for
         an unusable row. Rows the source's ``where`` excludes are counted here."""
-        where = f"{record['file']}:{record['line']}" if record.get("line") else record["file"]
+        where = record_where(record)
         rec = {k: v for k, v in record.items() if v is not None}
         if "row" in rec:
             rec["row"] = json.loads(rec["row"])
@@ -321,9 +329,11 @@ class PairStream(torch.utils.data.IterableDataset):
         return None
 
 
-def canonical_pairs(config: StreamConfig, *, limit: int | None = None) -> tuple[list[dict[str, Any]], StreamStats]:
-    """The canonical (untokenised) pairs of ``config``'s sources as the mapping reads them, up to ``limit``, with the
-    counts of what was dropped: what `rm-scale inspect-data` shows, and what tests assert on."""
+def canonical_pairs(config: StreamConfig, *, limit: int | None = None, errors: list[BadRow] | None = None,
+                    max_errors: int | None = None) -> tuple[list[dict[str, Any]], StreamStats]:
+    """The canonical (untokenised) pairs of ``config``'s sources as the mapping reads them (filters and groups
+    included), up to ``limit``, with the counts of what was dropped: what `rm-scale inspect-data` shows, and what
+    tests assert on. Unusable rows go to ``errors`` too; reading stops after ``max_errors`` of them."""
     stream = PairStream(config, tokenizer=None, rank=0, world_size=1)
     pairs: list[dict[str, Any]] = []
     for record in stream._upstream(0):
@@ -331,6 +341,10 @@ def canonical_pairs(config: StreamConfig, *, limit: int | None = None) -> tuple[
             found = stream.canonical_pairs(record)
         except BadRow as e:
             stream.stats.drop(e.reason)
+            if errors is not None:
+                errors.append(e)
+                if max_errors is not None and len(errors) >= max_errors:
+                    break
             continue
         for pair, _ in found:
             if "drop" in pair:

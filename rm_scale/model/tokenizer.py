@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from rm_scale.model.reward import base_model
+from rm_scale.model.reward import base_model, ensure_pad_token
 
 
 def configure_tokenizer(tokenizer: Any, model: nn.Module, *, eos_token: str | None = None,
@@ -23,11 +23,10 @@ def configure_tokenizer(tokenizer: Any, model: nn.Module, *, eos_token: str | No
         config.eos_token_id = tokenizer.eos_token_id
     if chat_template_path is not None:
         _set_chat_template(tokenizer, model, chat_template_path)
-    pad = pad_token or tokenizer.pad_token or tokenizer.eos_token
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token: set tokenizer.pad_token.")
-    _check_in_vocab(tokenizer, pad, "pad_token")
-    tokenizer.pad_token = pad
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    ensure_pad_token(tokenizer)
+    _check_in_vocab(tokenizer, tokenizer.pad_token, "pad_token")
     config.pad_token_id = tokenizer.pad_token_id
 
 

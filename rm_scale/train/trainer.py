@@ -241,9 +241,8 @@ class RewardTrainer(Trainer):
             # Every rank is out of data (one agreed count, so no rank waits in a collective): end the epoch here and
             # start the next pass of the stream.
             self.control.should_epoch_stop = True
-            self._stream.epoch = self._pass_epoch  # the main process's copy (a worker may do the iterating)
-            self._stream.start_next_epoch()
             self._pass_epoch += 1
+            self._stream.start_epoch(self._pass_epoch)  # the main process's copy (a worker may do the iterating)
             self._log_skipped_rows(f"epoch {self._pass_epoch - 1}")
             return [], None
         self._moments = None
@@ -360,16 +359,15 @@ class RewardTrainer(Trainer):
             # A rank whose last batch was in an earlier epoch has padded through this one: it starts this epoch.
             epoch = int(all_reduce_max(torch.tensor(float(self._stream.epoch), device=self.args.device)).item())
             if self._stream.epoch < epoch:
-                self._stream.epoch = epoch - 1
-                self._stream.start_next_epoch()
+                self._stream.start_epoch(epoch)
             self._pass_epoch = epoch
             has_left = self._agreed(self._stream.has_batches_left, "another rank could not read its data (see its error)")
             left = all_reduce_max(torch.tensor(float(has_left), device=self.args.device))
             if left.item() == 0:
                 # Saved at the last step of an epoch: no rank has a batch left in it. Start the next epoch, as the
                 # uninterrupted run does (transformers would see an empty epoch and stop training).
-                self._stream.start_next_epoch()
                 self._pass_epoch += 1
+                self._stream.start_epoch(self._pass_epoch)
                 logger.info("%s ends epoch %d on every rank: resuming with epoch %d.", checkpoint,
                             self._stream.epoch - 1, self._stream.epoch)
         if self.args.should_save:
@@ -379,7 +377,7 @@ class RewardTrainer(Trainer):
 
     def _load_data_state(self, checkpoint: str) -> None:
         """This rank's stream position from ``checkpoint``."""
-        path = Path(checkpoint) / DATA_STATE_FILE.format(rank=self.args.process_index)
+        path = self._data_state_path(checkpoint)
         if not path.exists():
             raise ValueError(
                 f"{path} is missing: the checkpoint has no data position for rank {self.args.process_index} "
@@ -388,6 +386,9 @@ class RewardTrainer(Trainer):
             )
         self._data_state = json.loads(path.read_text())
         self._stream.load_state_dict(self._data_state)
+
+    def _data_state_path(self, checkpoint: str) -> Path:
+        return Path(checkpoint) / DATA_STATE_FILE.format(rank=self.args.process_index)
 
     def _zero_stage(self) -> int | None:
         if not self.is_deepspeed_enabled:
@@ -438,8 +439,7 @@ class RewardTrainer(Trainer):
             state = self._data_state
             if state is None or state["epoch"] != self._pass_epoch:
                 state = self._stream.start_state(epoch=self._pass_epoch)
-            path = Path(output_dir) / DATA_STATE_FILE.format(rank=self.args.process_index)
-            path.write_text(json.dumps(state))
+            self._data_state_path(output_dir).write_text(json.dumps(state))
 
     def save_final_model(self, final_dir: str, *, reward_stats: dict[str, float], stats_file: str | None,
                          metrics: dict[str, Any] | None = None, data: list[str] | None = None) -> None:
