@@ -127,6 +127,27 @@ def test_the_same_losses_and_parameters_as_trl_with_lora(tiny_dir, tmp_path, row
     assert any("lora_" in n for n in results["rm_scale"][1])
 
 
+def _chatml_tokenizer(tiny_dir, folder):
+    """A tokenizer folder whose chat template uses two tokens the tiny vocabulary lacks (<|im_start|>, <|im_end|>)."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>"], "eos_token": "<|im_end|>"})
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_a_chat_template_tokenizer_that_adds_tokens_grows_the_embeddings_as_in_trl(tiny_dir, tmp_path, rows, peft):
+    chatml = _chatml_tokenizer(tiny_dir, tmp_path / "chatml")
+    vocab = len(AutoTokenizer.from_pretrained(tiny_dir))
+    results = _both(tiny_dir, tmp_path, _conversational(rows), peft=peft, chat_template_path=str(chatml))
+    name = next(n for n in results["rm_scale"][1] if "embed_tokens" in n and "lora" not in n)
+    rows_out = results["rm_scale"][1][name].shape[0] if not peft else None
+    assert peft or rows_out == -(-(vocab + 2) // 64) * 64  # 2 tokens added, then rounded up to a multiple of 64
+    if peft:  # the new tokens' rows are trained through peft's trainable tokens, on both sides
+        assert any("trainable_tokens_delta" in n for n in results["rm_scale"][1])
+
+
 # ---- usages written for TRL ------------------------------------------------------------------------------------
 
 
@@ -298,3 +319,62 @@ def test_optimizer_offloading_and_token_options_as_trl_users_pass_them(tiny_dir,
     trainer = rm_scale.RewardTrainer(str(tiny_dir), _args(rm_scale.RewardConfig, tmp_path, max_steps=1,
                                                           chat_template_path=str(other)), train_dataset=rows)
     assert trainer.processing_class.chat_template == tok.chat_template
+
+
+CHATML_SCRIPT = '''
+import json, sys
+from rm_scale import RewardConfig, RewardTrainer
+from rm_scale.commands.recipe import load_preference_files
+
+model_dir, template_dir, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rows = load_preference_files(["rm_scale:demo/train"]).select(range(16))
+rows = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
+                           "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                           "rejected": [{"role": "assistant", "content": r["rejected"]}]},
+                remove_columns=rows.column_names)
+args = RewardConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=3, logging_steps=1, report_to=[],
+                    bf16=False, save_strategy="no", seed=0, learning_rate=1e-3, chat_template_path=template_dir)
+peft = None
+if len(sys.argv) > 5:
+    from peft import LoraConfig, TaskType
+    peft = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8)
+trainer = RewardTrainer(model=model_dir, args=args, train_dataset=rows, peft_config=peft)
+trainer.train()
+trainer.save_model(out + "/final")
+if trainer.is_world_process_zero():
+    print("RESULT", json.dumps([h["loss"] for h in trainer.state.log_history if "loss" in h]))
+'''
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_with_a_chat_template_that_adds_tokens_train_as_one_process(tiny_dir, tmp_path):
+    """The embeddings grow while partitioned (transformers gathers them), the new rows are the same on every rank, and
+    2 ranks x 2 pairs give the losses of 1 process x 4 pairs; the saved model and tokenizer carry the new tokens."""
+    import json
+    import subprocess
+    import sys
+
+    from launch import ROOT, env, free_port, launch_config, tiny_ds_config
+
+    chatml = _chatml_tokenizer(tiny_dir, tmp_path / "chatml")
+    script = tmp_path / "train.py"
+    script.write_text(CHATML_SCRIPT)
+    launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
+
+    def run(out, *extra, nproc=2):
+        prefix = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch), "--num_processes",
+            str(nproc), "--main_process_port", str(free_port())]
+        cmd = [*prefix, str(script), str(tiny_dir), str(chatml), str(tmp_path / out), *extra]
+        return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+    one, two = run("one", "4", nproc=1), run("two", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-3000:], two.stderr[-3000:])
+    losses = [json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0]) for p in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two" / "final")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "two" / "final")
+    assert saved.get_input_embeddings().weight.shape[0] == len(tok) and len(tok) % 64 == 0
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.get_vocab()
+    lora = run("lora", "2", "lora")  # peft's trainable tokens need CUDA under ZeRO-3: a clear error, not a traceback
+    assert lora.returncode != 0 and "peft/issues/2603" in lora.stderr

@@ -6,15 +6,18 @@ import copy
 import logging
 from typing import Any
 
+import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from rm_scale.model.reward import SCORE_HEAD_NAMES, base_model
 
 logger = logging.getLogger(__name__)
 
 
-def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool) -> nn.Module:
+def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_token_ids: list[int] = ()) -> nn.Module:
     """``get_peft_model`` with the score head in ``modules_to_save``; the caller's ``peft_config`` is not changed.
+    The embedding rows of ``new_token_ids`` (tokens a cloned chat template added) are trained too, as in TRL.
 
     With ``checkpointing`` (activation checkpointing on) the inputs of the base model require grad: PEFT + ZeRO-3 +
     non-reentrant checkpointing raises CheckpointError (trl#2514), so the trainer uses reentrant checkpointing, which
@@ -32,7 +35,22 @@ def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool) -> nn.M
         logger.info("LoRA: the score head %r is trained and saved with the adapter (added to modules_to_save; TRL "
                     "leaves it frozen for task types other than SEQ_CLS).", head)
         peft_config.modules_to_save = modules_to_save + [head]
+    if new_token_ids:
+        _check_trainable_tokens_supported()
+        indices = dict(peft_config.trainable_token_indices or {})
+        indices["embed_tokens"] = sorted({*indices.get("embed_tokens", []), *new_token_ids})
+        peft_config.trainable_token_indices = indices
     if checkpointing:
         inner.enable_input_require_grads()
     # autocast_adapter_dtype=False: mixed adapter dtypes break ZeRO-3's all-gather (trl#6089).
     return get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+
+
+def _check_trainable_tokens_supported() -> None:
+    # peft's trainable tokens under ZeRO-3 gather the rows on a CUDA device only (peft#2603; saving them under
+    # ZeRO-3 is peft#2946): fail before training rather than in get_peft_model's traceback.
+    if is_deepspeed_zero3_enabled() and not torch.cuda.is_available():
+        raise ValueError("chat_template_path added tokens to the vocabulary, and LoRA must train their embedding rows "
+                         "(peft trainable_token_indices), which peft supports under ZeRO-3 on CUDA devices only "
+                         "(https://github.com/huggingface/peft/issues/2603). Fix: train with ZeRO-2 or one process, "
+                         "or without LoRA, or pass chat_template_path a .jinja file that uses tokens the vocabulary has.")

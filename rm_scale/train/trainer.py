@@ -612,15 +612,15 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
     if tokenizer is None:  # as TRL: the tokenizer of the model's own name or folder
         tokenizer = AutoTokenizer.from_pretrained(base_model(model).config._name_or_path, revision=revision,
                                                   trust_remote_code=args.trust_remote_code)
-    configure_tokenizer(tokenizer, model, eos_token=args.eos_token, pad_token=args.pad_token,
-                        chat_template_path=args.chat_template_path)
+    new_tokens = configure_tokenizer(tokenizer, model, eos_token=args.eos_token, pad_token=args.pad_token,
+                                     chat_template_path=args.chat_template_path)
     base_model(model).config.use_cache = False  # no KV cache in training; some heads reject the kwarg
     if peft_config is not None:
         if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
             # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant.
             # (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
             args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": True}
-        model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing)
+        model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing, new_token_ids=new_tokens)
     if args.disable_dropout:  # after PEFT: LoRA's own dropout too
         disable_dropout(model)
     if args.batching == "packed" and args.packed_attention:
