@@ -5,6 +5,8 @@ Device-agnostic: tensors stay on the caller's device, so gloo (CPU) and NCCL (GP
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import timedelta
 
 import torch
@@ -55,3 +57,41 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+class Heartbeats:
+    """Each rank's liveness as a counter in the launcher's key-value store (torchrun's agent hosts it at
+    MASTER_ADDR:MASTER_PORT; it outlives the ranks), through a connection of this object's own: the main thread may
+    be blocked inside the process group's store (a rendezvous waiting for a dead rank holds that client's lock).
+
+    Torch releases the GIL while it computes and writes checkpoints, so a thread beating every second keeps beating
+    through long steps and saves; a rank that stopped beating is dead (or frozen)."""
+
+    def __init__(self, *, timeout_s: float = 10.0) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        self._prefix = f"rm_scale/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (its count, when this rank saw it change)
+
+    @staticmethod
+    def available() -> bool:
+        return is_distributed() and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+
+    def beat(self) -> None:
+        self._store.add(self._prefix + str(self.rank), 1)
+
+    def silent_ranks(self, after_s: float) -> list[int]:
+        """The other ranks whose counter has not moved for ``after_s`` seconds of this rank's clock, counted from the
+        first call (so the first call never names one)."""
+        now, silent = time.monotonic(), []
+        for rank in range(self.world_size):
+            if rank == self.rank:
+                continue
+            count = self._store.add(self._prefix + str(rank), 0)
+            seen = self._seen.get(rank)
+            if seen is None or seen[0] != count:
+                self._seen[rank] = (count, now)
+            elif now - seen[1] >= after_s:
+                silent.append(rank)
+        return silent

@@ -4,16 +4,19 @@ the model loads. In one process (the Python API) and under 2-rank ZeRO-3 (`accel
 map-style."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from launch import ROOT, env, launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
+from launch import ROOT, env, launch_config, metrics, run_train, start_train, tiny_ds_config, tiny_recipe
 from rm_scale import RewardConfig, RewardTrainer
 from rm_scale.commands.recipe import load_preference_files
 from rm_scale.data import PairFiles
@@ -103,8 +106,9 @@ def _final_weights(out):
 
 @pytest.mark.slow
 def test_zero3_resume_at_an_epoch_end_and_of_a_finished_run(setup):
-    """2 ranks x 4 pairs: 16 steps an epoch. A checkpoint at step 16 resumes into the second epoch and ends equal
-    to the uninterrupted run; running the finished job again trains no step and republishes the same model."""
+    """2 ranks x 4 pairs: 16 steps an epoch. A checkpoint at step 16 resumes into the second epoch; that run is
+    killed while publishing its model; running the job again trains no step and publishes the model of the last
+    checkpoint, equal to the uninterrupted run's."""
     tmp, recipe, launch = setup
     common = ["--data.streaming", "true", "--max_steps", "20", "--save_steps", "16"]
     full = tmp / "z3_full"
@@ -112,23 +116,29 @@ def test_zero3_resume_at_an_epoch_end_and_of_a_finished_run(setup):
     steps = {m["step"]: m["loss_exact"] for m in metrics(full) if "loss_exact" in m}
     resumed = tmp / "z3_resumed"
     shutil.copytree(full / "checkpoint-16", resumed / "checkpoint-16")
-    run_train(recipe, ["--output_dir", str(resumed), *common, "--resume_from_checkpoint", "auto"], launch=launch)
+    # The resumed run is killed (every process, as a node failure) while its exported model is staged, not yet moved.
+    log = tmp / "z3_resumed.log"
+    proc = start_train(recipe, ["--output_dir", str(resumed), *common, "--resume_from_checkpoint", "auto"],
+                       launch=launch, log=log, extra_env={"RM_SCALE_HOLD_AT": "final:staged"})
+    try:
+        deadline = time.monotonic() + 300
+        while "holding at final:staged" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        assert (resumed / "final.partial").is_dir() and not (resumed / "final").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc = run_train(recipe, ["--output_dir", str(resumed), *common, "--resume_from_checkpoint", "auto"], launch=launch)
+    assert "already finished" in proc.stderr
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-20"]
     again = {m["step"]: m["loss_exact"] for m in metrics(resumed) if "loss_exact" in m}
-    assert sorted(again) == list(range(17, 21))
+    assert sorted(again) == list(range(17, 21))  # steps 17-20 once: none trained again
     assert all(abs(again[s] - steps[s]) <= 1e-6 for s in again)
-    resumed_weights = _final_weights(resumed)
+    resumed_weights, checkpoint = _final_weights(resumed), load_file(str(resumed / "checkpoint-20" / "model.safetensors"))
     for name, w in _final_weights(full).items():
         assert torch.allclose(w, resumed_weights[name], atol=1e-6), name
-
-    shutil.rmtree(full / "final")  # as if the first run was killed while publishing its model
-    before = sorted(p.name for p in full.glob("checkpoint-*"))
-    proc = run_train(recipe, ["--output_dir", str(full), *common, "--resume_from_checkpoint", "auto"], launch=launch)
-    assert "already finished" in proc.stderr
-    assert sorted(p.name for p in full.glob("checkpoint-*")) == before == ["checkpoint-16", "checkpoint-20"]
-    assert [m["step"] for m in metrics(full) if "loss_exact" in m] == list(range(1, 21))
-    checkpoint = load_file(str(full / "checkpoint-20" / "model.safetensors"))
-    for name, w in _final_weights(full).items():
-        assert torch.equal(w, checkpoint[name]), name
+        assert torch.equal(resumed_weights[name], checkpoint[name]), name
 
 
 def _train_cli(recipe, args, *, launch=None):

@@ -53,6 +53,18 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def hold_point(name: str) -> None:
+    """A named point of the save path where a test can kill a process deterministically: with ``RM_SCALE_HOLD_AT``
+    set to ``name`` the process says so on stderr and sleeps here until it is killed (signal handlers still run).
+    Points: ``checkpoint-<step>:written`` (every rank wrote its part, no marker yet), ``checkpoint-<step>:committed``
+    (marker and ``latest`` written), ``final:staged`` (the exported model is in ``final.partial``, not yet moved)."""
+    if os.environ.get("RM_SCALE_HOLD_AT") != name:
+        return
+    os.write(2, f"rm_scale: holding at {name} (RM_SCALE_HOLD_AT)\n".encode())
+    while True:
+        time.sleep(1)
+
+
 def checkpoint_step(path: str | os.PathLike) -> int | None:
     m = _CHECKPOINT_RE.match(Path(path).name)
     return int(m.group(1)) if m else None

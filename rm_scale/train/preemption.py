@@ -22,6 +22,13 @@ What reaches the ranks:
   the ignored disposition and this callback overrides it in the workers only. slurm/train.sh does that.
 - Slurm (`scancel --signal=USR1 <job>`, srun forwarding a signal, preemption, time limit) signals EVERY process of a
   job step: agents and workers alike.
+
+A rank that dies is the other reason for a SIGTERM: torchrun's agent then signals the survivors, and a survivor
+waiting for "the next step" would wait for a collective with the dead rank until the agent's SIGKILL 30 s later (or,
+blocked in a rendezvous, longer). So while the handlers are installed, every rank beats a heartbeat in the launcher's
+store (`distributed.Heartbeats`, a thread), and once a signal has arrived a rank checks the others' beats: one that
+has been silent for `PEER_SILENT_S` cannot take part in a checkpoint, and the rank exits at once (code 1, naming the
+silent rank; the last complete checkpoint stays the one to resume). Live ranks beat through long steps and saves.
 """
 
 from __future__ import annotations
@@ -36,13 +43,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from rm_scale.distributed import all_reduce_max
+from rm_scale.distributed import Heartbeats, all_reduce_max
 
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _REQUEUE_SIGNALS = (signal.SIGUSR1,)
+HEARTBEAT_PERIOD_S = 0.5
+PEER_SILENT_S = 4.0  # after a signal: a rank silent this long is gone (live ranks beat every HEARTBEAT_PERIOD_S)
+PEER_LOST_EXIT_CODE = 1
 
 
 class TrainingPreempted(SystemExit):
@@ -69,6 +79,8 @@ class PreemptionCallback(TrainerCallback):
         self.agreed: set[int] = set()  # signals some rank got, as agreed at the step where training stopped
         self.stop_step: int | None = None
         self._previous: dict[int, Any] = {}
+        self._watching: threading.Event | None = None  # set to stop the heartbeat thread
+        self._wakeup: tuple[int, int] = (-1, -1)  # (the previous wakeup fd, ours)
 
     # -- handlers -------------------------------------------------------------------------------------------------
 
@@ -81,9 +93,11 @@ class PreemptionCallback(TrainerCallback):
             return
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._start_heartbeats()
 
     def uninstall(self) -> None:
         """Put the previous handlers back."""
+        self._stop_heartbeats()
         if threading.current_thread() is not threading.main_thread():
             return
         for sig, previous in self._previous.items():
@@ -105,6 +119,54 @@ class PreemptionCallback(TrainerCallback):
         previous = self._previous.get(signum)
         if callable(previous) and previous not in (signal.default_int_handler,):
             previous(signum, frame)
+
+    # -- heartbeats: a signal because a rank died ends this rank at once ------------------------------------------
+
+    def _start_heartbeats(self) -> None:
+        if not Heartbeats.available():
+            return
+        try:
+            beats = Heartbeats()
+        except (RuntimeError, ValueError) as e:  # no store to reach: signals still work, just not the fast exit
+            logger.warning("save_on_signal: no heartbeats (%s); a rank's death ends the job at the launcher's pace.", e)
+            return
+        # A Python handler runs only when the main thread is between bytecodes, and a rank whose peer died is often
+        # blocked in C++ (a collective, a rendezvous): the wakeup fd is written by the C-level handler at once.
+        read_fd, write_fd = os.pipe()
+        for fd in (read_fd, write_fd):
+            os.set_blocking(fd, False)
+        self._wakeup = (signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False), write_fd)
+        self._watching = threading.Event()
+        threading.Thread(target=self._watch, args=(beats, self._watching, read_fd), name="rm_scale-heartbeat",
+                         daemon=True).start()
+
+    def _stop_heartbeats(self) -> None:
+        if self._watching is None:
+            return
+        self._watching.set()
+        self._watching = None
+        previous, write_fd = self._wakeup
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(previous)
+        os.close(write_fd)
+
+    def _watch(self, beats: Heartbeats, stop: threading.Event, read_fd: int) -> None:
+        signalled: set[int] = set()
+        try:
+            while not stop.wait(HEARTBEAT_PERIOD_S):
+                signalled |= _read_signals(read_fd)
+                try:
+                    beats.beat()
+                    silent = beats.silent_ranks(PEER_SILENT_S) if signalled else []
+                except RuntimeError as e:  # the store is gone: the launcher (or the first node) has died
+                    if not signalled:
+                        logger.warning("save_on_signal: heartbeats stopped (%s).", e)
+                        return
+                    silent = [f"the launcher's store ({e})"]
+                if silent and not stop.is_set():
+                    _exit_peer_lost(beats.rank, signalled, silent)
+        finally:
+            os.close(read_fd)
 
     # -- agreement at each optimizer step ------------------------------------------------------------------------
 
@@ -145,6 +207,23 @@ class PreemptionCallback(TrainerCallback):
     @property
     def wants_requeue(self) -> bool:
         return any(s in self.agreed for s in _REQUEUE_SIGNALS)
+
+
+def _read_signals(fd: int) -> set[int]:
+    try:
+        data = os.read(fd, 512)
+    except BlockingIOError:
+        return set()
+    return {sig for sig in data if sig in SIGNALS}
+
+
+def _exit_peer_lost(rank: int, signalled: set[int], silent: list) -> None:
+    names = "+".join(signal.Signals(s).name for s in sorted(signalled))
+    who = ", ".join(f"rank {r}" if isinstance(r, int) else r for r in silent)
+    msg = (f"rm_scale: rank {rank} got {names}, and {who} has been silent for {PEER_SILENT_S:.0f} s: no checkpoint can "
+           "be made without it; exiting now (the last complete checkpoint is the one to resume from)\n")
+    os.write(2, msg.encode())
+    os._exit(PEER_LOST_EXIT_CODE)
 
 
 def exit_on_signal_from_now_on() -> None:

@@ -423,6 +423,7 @@ class RewardTrainer(Trainer):
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank has written its shards, RNG state and data position
+        ckpt.hold_point(f"checkpoint-{self.state.global_step}:written")
         if self.args.should_save:
             wandb_state = (self.state.stateful_callbacks or {}).get(STATE_KEY) or {}  # the W&B run id travels too
             ckpt.mark_complete(folder, {
@@ -432,6 +433,7 @@ class RewardTrainer(Trainer):
                 "wandb_run_id": wandb_state.get("run_id"),
             })
             ckpt.rotate(run_dir, limit, keep=[folder, self.state.best_model_checkpoint])
+        ckpt.hold_point(f"checkpoint-{self.state.global_step}:committed")
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
@@ -459,6 +461,7 @@ class RewardTrainer(Trainer):
             write_model_card(staging, base_model=str(base_model(self.model).config._name_or_path),
                              data=data or self._data_description, hyperparameters=self._card_settings(),
                              metrics=metrics or {}, adapter=stats_file is not None)
+            ckpt.hold_point("final:staged")
             ckpt.publish(staging, final_dir)
 
     def _card_settings(self) -> dict[str, Any]:
