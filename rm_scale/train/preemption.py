@@ -38,6 +38,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from typing import Any
 
 import torch
@@ -123,12 +124,8 @@ class PreemptionCallback(TrainerCallback):
     # -- heartbeats: a signal because a rank died ends this rank at once ------------------------------------------
 
     def _start_heartbeats(self) -> None:
-        if not Heartbeats.available():
-            return
-        try:
-            beats = Heartbeats()
-        except (RuntimeError, ValueError) as e:  # no store to reach: signals still work, just not the fast exit
-            logger.warning("save_on_signal: no heartbeats (%s); a rank's death ends the job at the launcher's pace.", e)
+        beats = _process_heartbeats()
+        if beats is None:
             return
         # A Python handler runs only when the main thread is between bytecodes, and a rank whose peer died is often
         # blocked in C++ (a collective, a rendezvous): the wakeup fd is written by the C-level handler at once.
@@ -137,10 +134,12 @@ class PreemptionCallback(TrainerCallback):
             os.set_blocking(fd, False)
         self._wakeup = (signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False), write_fd)
         self._watching = threading.Event()
-        threading.Thread(target=self._watch, args=(beats, self._watching, read_fd), name="rm_scale-heartbeat",
+        threading.Thread(target=_watch, args=(beats, self._watching, read_fd), name="rm_scale-watch",
                          daemon=True).start()
 
     def _stop_heartbeats(self) -> None:
+        """Stop watching the others (this rank's own beat goes on until the process ends: a rank that left train()
+        and waits in a barrier is alive, and must not look dead to one still saving)."""
         if self._watching is None:
             return
         self._watching.set()
@@ -149,24 +148,6 @@ class PreemptionCallback(TrainerCallback):
         if threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(previous)
         os.close(write_fd)
-
-    def _watch(self, beats: Heartbeats, stop: threading.Event, read_fd: int) -> None:
-        signalled: set[int] = set()
-        try:
-            while not stop.wait(HEARTBEAT_PERIOD_S):
-                signalled |= _read_signals(read_fd)
-                try:
-                    beats.beat()
-                    silent = beats.silent_ranks(PEER_SILENT_S) if signalled else []
-                except RuntimeError as e:  # the store is gone: the launcher (or the first node) has died
-                    if not signalled:
-                        logger.warning("save_on_signal: heartbeats stopped (%s).", e)
-                        return
-                    silent = [f"the launcher's store ({e})"]
-                if silent and not stop.is_set():
-                    _exit_peer_lost(beats.rank, signalled, silent)
-        finally:
-            os.close(read_fd)
 
     # -- agreement at each optimizer step ------------------------------------------------------------------------
 
@@ -207,6 +188,54 @@ class PreemptionCallback(TrainerCallback):
     @property
     def wants_requeue(self) -> bool:
         return any(s in self.agreed for s in _REQUEUE_SIGNALS)
+
+
+_BEATS: list[Heartbeats | None] = []  # this process's heartbeats, started once (empty: not tried yet)
+
+
+def _process_heartbeats() -> Heartbeats | None:
+    """This rank's heartbeats (a thread beating every HEARTBEAT_PERIOD_S until the process ends), started on first
+    use; None in a single process or without a store to reach."""
+    if not _BEATS:
+        beats = None
+        if Heartbeats.available():
+            try:
+                beats = Heartbeats()
+            except (RuntimeError, ValueError) as e:  # signals still work, just not the fast exit
+                logger.warning("save_on_signal: no heartbeats (%s): a rank's death ends the job at the launcher's "
+                               "pace.", e)
+        if beats is not None:
+            threading.Thread(target=_beat, args=(beats,), name="rm_scale-heartbeat", daemon=True).start()
+        _BEATS.append(beats)
+    return _BEATS[0]
+
+
+def _beat(beats: Heartbeats) -> None:
+    while True:
+        try:
+            beats.beat()
+        except RuntimeError as e:  # the store is gone: the launcher (or the first node) has died
+            logger.warning("save_on_signal: heartbeats stopped (%s).", e)
+            return
+        time.sleep(HEARTBEAT_PERIOD_S)
+
+
+def _watch(beats: Heartbeats, stop: threading.Event, read_fd: int) -> None:
+    """Once this rank has got a signal: exit at once when another rank has been silent for PEER_SILENT_S."""
+    signalled: set[int] = set()
+    try:
+        while not stop.wait(HEARTBEAT_PERIOD_S):
+            signalled |= _read_signals(read_fd)
+            if not signalled:
+                continue
+            try:
+                silent = beats.silent_ranks(PEER_SILENT_S)
+            except RuntimeError as e:
+                silent = [f"the launcher's store ({e})"]
+            if silent and not stop.is_set():
+                _exit_peer_lost(beats.rank, signalled, silent)
+    finally:
+        os.close(read_fd)
 
 
 def _read_signals(fd: int) -> set[int]:
