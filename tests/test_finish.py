@@ -211,3 +211,36 @@ def test_zero3_resume_when_one_rank_never_had_a_batch(setup):
     steps = {m["step"]: m["loss_exact"] for m in metrics(full) if "loss_exact" in m}
     again = {m["step"]: m["loss_exact"] for m in metrics(resumed) if "loss_exact" in m}
     assert sorted(again) == [5, 6, 7, 8] and all(abs(again[s] - steps[s]) <= 1e-6 for s in again)
+
+
+# ---- streamed evaluation: each rank its shard, every pair counted once -----------------------------------------
+
+
+@pytest.mark.slow
+def test_streamed_evaluation_counts_every_pair_once_on_two_ranks(setup):
+    """13 evaluation pairs (odd: a rank gets one more, and the other pads) with one bad row: 2-rank ZeRO-3 gives the
+    metrics of one process, map-style (the files materialised) and streamed alike."""
+    tmp, recipe, launch = setup
+    rows = [json.loads(line) for line in open(ROOT / "rm_scale" / "data" / "demo_data" / "eval.jsonl")][:13]
+    held = tmp / "held_out.jsonl"
+    held.write_text("".join(json.dumps({**r, "subset": "ab"[i % 3 == 0]}) + "\n" for i, r in enumerate(rows))
+                    + '{"prompt": "x", "chosen": "same", "rejected": "same"}\n')
+    common = ["--data.eval", str(held), "--max_steps", "2", "--per_device_eval_batch_size", "2", "--save_strategy",
+              "no", "--learning_rate", "0"]  # the same model in each run: only the evaluation differs
+    results = {}
+    for name, streaming, use in (("map1", "false", None), ("stream1", "true", None), ("stream2", "true", launch)):
+        out = tmp / f"eval_{name}"
+        proc = _train_cli(recipe, ["--output_dir", str(out), "--data.streaming", streaming, *common], launch=use)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "held-out accuracy" in proc.stdout and "on 13 pairs" in proc.stdout, proc.stdout[-2000:]
+        results[name] = json.loads((out / "final_metrics.json").read_text())
+    reference = results["map1"]
+    keys = ["eval_loss", "eval_accuracy", "eval_accuracy_a", "eval_accuracy_b", "eval_margin", "eval_rewards_mean",
+            "eval_rewards_std"]
+    for name in ("stream1", "stream2"):
+        assert results[name]["eval_pairs"] == 13, results[name]
+        for k in keys:
+            assert results[name][k] == pytest.approx(reference[k], abs=1e-5), (name, k)
+    report = json.loads((tmp / "eval_stream2" / "data_report.json").read_text())
+    assert sum(r["pairs"] for r in report["eval_stream_per_rank"]) == 13
+    assert sum(r["dropped"].get("identical chosen and rejected", 0) for r in report["eval_stream_per_rank"]) == 1

@@ -45,7 +45,9 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_data is not None else {}
     data_report["train_stream_per_rank"] = trainer.stream_report()  # collective: every rank
-    stats = _reward_stats(metrics, pairs=len(trainer.eval_dataset)) if metrics else {}
+    if isinstance(eval_data, PairFiles):
+        data_report["eval_stream_per_rank"] = trainer.stream_report(evaluation=True)
+    stats = _reward_stats(metrics, pairs=_eval_pairs(metrics, trainer.eval_dataset)) if metrics else {}
     set_reward_stats(trainer.model, stats)  # every rank: under ZeRO-3 save_model is collective
     final_dir = os.path.join(args.output_dir, "final")
     trainer.save_final_model(final_dir, reward_stats=stats, metrics=metrics,
@@ -55,7 +57,8 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
         _write_reports(args.output_dir, metrics, data_report)
         print(f"rm_scale: model saved to {final_dir}")
         if metrics:
-            print(f"rm_scale: held-out accuracy {metrics['eval_accuracy']:.3f} on {len(eval_data)} pairs")
+            print(f"rm_scale: held-out accuracy {metrics['eval_accuracy']:.3f} on "
+                  f"{_eval_pairs(metrics, trainer.eval_dataset)} pairs")
         print(f"rm_scale: metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
     shutdown()
     return metrics
@@ -84,7 +87,8 @@ def _write_reports(output_dir: str, metrics: dict[str, Any], data_report: dict[s
     for name, part in data_report.items():
         parts = part if isinstance(part, list) else [part] if isinstance(part, dict) else []
         dropped = skipped_rows(parts)
-        name = "train (streamed, all ranks)" if name == "train_stream_per_rank" else name
+        name = {"train_stream_per_rank": "train (streamed, all ranks)",
+                "eval_stream_per_rank": "eval (streamed, all ranks)"}.get(name, name)
         if dropped:
             print(f"rm_scale: {name}: skipped rows by reason {dropped} (see data_report.json)")
         for warning in sorted({w for p in parts for w in (p or {}).get("warnings", {}).values()}):
@@ -105,6 +109,11 @@ def _preflight(args: RewardConfig, data: DataSpec) -> None:
         plugin = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments only under DeepSpeed
         ckpt.check_world_size(args.resume_from_checkpoint, args.world_size, streamed=data.streaming,
                               zero_stage=getattr(plugin, "zero_stage", None))
+
+
+def _eval_pairs(metrics: dict[str, float], eval_dataset: Any) -> int:
+    """Pairs of the final evaluation: counted by a streamed one (over every rank), else the data set's length."""
+    return int(metrics["eval_pairs"]) if "eval_pairs" in metrics else len(eval_dataset)
 
 
 def _reward_stats(metrics: dict[str, float], *, pairs: int) -> dict[str, float]:
@@ -133,6 +142,11 @@ def _data(data: DataSpec, args: RewardConfig, tokenizer: Any) -> tuple[Any, Any,
         report["train"] = dataclasses.asdict(stats)
     if data.eval is None:
         return train, None, report
+    if data.streaming:  # each rank streams its shard of the evaluation pairs too: nothing is materialised
+        held_out = data.eval == "split"
+        split = {"split": "eval"} if held_out else {"split": "train", "eval_fraction": 0.0}
+        require_pairs(stream_config(data.train if held_out else data.eval, args, **split), tokenizer)
+        return train, PairFiles(data.train if held_out else data.eval, held_out=held_out), report
     if data.eval == "split":
         config = stream_config(data.train, args, split="eval")
     else:

@@ -50,6 +50,7 @@ class PairFiles:
     from `RewardConfig` (`batching`, `token_budget`, `stream_block_size`, `eval_fraction`, `strict_data`)."""
 
     files: Sequence[Any]
+    held_out: bool = False  # as an eval set: only the pairs that `eval_fraction` holds out of these files
 
 
 @dataclass
@@ -228,6 +229,8 @@ class PairStream(torch.utils.data.IterableDataset):
                 self.stats.real_tokens += real
                 self.stats.padded_tokens += computed_tokens(out)
                 self.stats.pairs += len(batch)
+                if any("subset" in p for p in batch):  # per-subset evaluation accuracy
+                    out["_subsets"] = [p.get("subset") for p in batch]
                 out["_state"] = {
                     "epoch": epoch, "block": block, "emitted": k + 1, "upstream": start,
                     "rank": self.rank, "world_size": self.world_size, "stats": dataclasses.asdict(self.stats),

@@ -54,6 +54,24 @@ def compute_reward_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     }
 
 
+def pair_set_metrics(rewards: np.ndarray, margin: np.ndarray, subsets: list[str | None], *, prefix: str,
+                     center_coef: float | None) -> dict[str, float]:
+    """The evaluation metrics of a whole set of pairs, as the map-style evaluation computes them: ``<prefix>_loss``
+    (the mean per-pair loss), accuracy, margin, reward statistics, per-subset accuracy and ``<prefix>_pairs``."""
+    if rewards.shape[0] == 0:
+        raise ValueError("The evaluation files hold no usable pair (every row was skipped): see data_report.json.")
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    loss = float(-torch.nn.functional.logsigmoid(torch.from_numpy(chosen - rejected - margin)).mean())
+    if center_coef:
+        loss += center_coef * float(((chosen + rejected) ** 2).mean())
+    out = {f"{prefix}_loss": loss, f"{prefix}_pairs": float(rewards.shape[0])}
+    out.update({f"{prefix}_{k}": v for k, v in compute_reward_metrics(EvalPrediction(rewards, None)).items()})
+    for name in sorted({s for s in subsets if s is not None}):
+        index = [i for i, s in enumerate(subsets) if s == name]
+        out[f"{prefix}_accuracy_{name}"] = pairwise_accuracy(chosen[index], rejected[index])
+    return out
+
+
 def subset_accuracy(ev: EvalRewards) -> dict[str, float]:
     """`<prefix>_accuracy_<subset>` for each value of a `subset` column (ties count half)."""
     columns = getattr(ev.dataset, "column_names", None) or []

@@ -11,6 +11,7 @@ transformers hooks it relies on (tests/test_trainer.py fails if transformers sto
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from rm_scale.config import RewardConfig
 from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, padding_batch
 from rm_scale.data.formats import PRETOKENIZED, prepare_dataset
-from rm_scale.data.stream import PairFiles, PairStream, require_pairs, stream_config
+from rm_scale.data.stream import PairFiles, PairStream, StreamStats, require_pairs, stream_config
 from rm_scale.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
@@ -43,7 +44,14 @@ from rm_scale.model.reward import (
     load_reward_model,
 )
 from rm_scale.train import checkpoint as ckpt
-from rm_scale.train.metrics import EvalRewards, TrainMetrics, compute_reward_metrics, subset_accuracy
+from rm_scale.train.metrics import (
+    EvalRewards,
+    TrainMetrics,
+    compute_reward_metrics,
+    pair_set_metrics,
+    subset_accuracy,
+)
+from rm_scale.train.stream_eval import EvalRows, LockstepBatches, StreamedEvalSet, gather_rows
 from rm_scale.train.preemption import PreemptionCallback, TrainingPreempted, exit_on_signal_from_now_on, slurm_requeue
 from rm_scale.train.wandb_logging import STATE_KEY, use_reward_wandb_callback
 
@@ -136,6 +144,7 @@ class RewardTrainer(Trainer):
         self._data_state: dict[str, Any] | None = None  # resume state after the last micro-batch consumed
         self._pass_epoch = 0  # the stream's epoch that every rank is in (an epoch ends for all at one step)
         self.last_eval: EvalRewards | None = None  # rewards of the latest evaluation (W&B histograms, tables)
+        self._eval_rows: EvalRows | None = None  # this rank's rows while a streamed evaluation runs
 
     def _setup_callbacks(self) -> None:
         self._wandb_callback = None
@@ -235,6 +244,7 @@ class RewardTrainer(Trainer):
                 batch = padding_batch(self.processing_class)
             elif self._stream is not None:
                 self._data_state = batch.pop("_state")
+                batch.pop("_subsets", None)
             batches.append(batch)
         num_pairs = self._count_step(batches, device) if batches else None
         if self._stream is not None and int(num_pairs) == 0:
@@ -284,13 +294,18 @@ class RewardTrainer(Trainer):
         if dropped and self.is_world_process_zero():
             logger.warning("Streamed data, %s: skipped rows by reason, all ranks: %s", when, dropped)
 
-    def stream_report(self) -> list[dict[str, Any]] | None:
-        """Each rank's stream counts (pairs, drops by reason, real and padded tokens). Collective: call on every rank."""
-        if self._stream is None:
+    def stream_report(self, *, evaluation: bool = False) -> list[dict[str, Any]] | None:
+        """Each rank's stream counts (pairs, drops by reason, real and padded tokens) of the training stream, or of
+        the latest pass of a streamed evaluation set. Collective: call on every rank."""
+        streamed_eval = isinstance(self.eval_dataset, StreamedEvalSet)
+        if (self._stream is None and not evaluation) or (evaluation and not streamed_eval):
             return None
         from accelerate.utils import gather_object  # lazy: only streamed runs report per rank
 
-        mine = (self._data_state or {}).get("stats", {})
+        if evaluation:
+            mine = dataclasses.asdict(self.eval_dataset.stream.stats)
+        else:
+            mine = (self._data_state or {}).get("stats", {})
         return gather_object([mine]) if self.args.world_size > 1 else [mine]
 
     # ---- train, resume, checkpoints -----------------------------------------------------------------------------
@@ -490,6 +505,17 @@ class RewardTrainer(Trainer):
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                 metric_key_prefix=metric_key_prefix)
 
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        chosen = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        chosen = self.eval_dataset if chosen is None else chosen
+        if not isinstance(chosen, StreamedEvalSet):
+            return super().get_eval_dataloader(eval_dataset)
+        # In the main process (num_workers 0): every batch is agreed with the other ranks. Not through accelerate:
+        # the stream reads only this rank's shard already.
+        chosen.stream.stats = StreamStats()  # the report counts this pass
+        return torch.utils.data.DataLoader(LockstepBatches(chosen.stream, self.processing_class, self.args.device),
+                                           batch_size=None, num_workers=0)
+
     def _set_signature_columns_if_needed(self) -> None:
         # remove_unused_columns (on by default, as in TRL) keeps the columns the collator reads, not the model's
         # forward arguments; `subset` stays for per-subset accuracy.
@@ -503,6 +529,15 @@ class RewardTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self._eval_rows is not None:  # a streamed evaluation: rows kept per rank, metrics at the end
+            is_padding = bool(inputs.pop("_pad", False))
+            subsets = inputs.pop("_subsets", None)
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                chosen, rejected, _ = pair_rewards(model, inputs)
+            if not is_padding:
+                self._eval_rows.add(chosen, rejected, {"margin": inputs.get("margin"), "_subsets": subsets})
+            return None, None, None
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
@@ -521,6 +556,8 @@ class RewardTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
+        if isinstance(getattr(dataloader, "dataset", None), LockstepBatches):
+            return self._streamed_evaluation_loop(dataloader, description, ignore_keys, metric_key_prefix)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         # The predictions are already gathered from every rank (in data-set order): keeping them costs nothing.
         self.last_eval = EvalRewards(metric_key_prefix, getattr(dataloader, "dataset", None), output.predictions)
@@ -528,6 +565,22 @@ class RewardTrainer(Trainer):
             self._wandb_callback.last_eval = self.last_eval
         output.metrics.update(subset_accuracy(self.last_eval))
         return output
+
+    def _streamed_evaluation_loop(self, dataloader: Any, description: str, ignore_keys: list[str] | None,
+                                  prefix: str) -> EvalLoopOutput:
+        self._eval_rows = EvalRows()
+        try:
+            output = super().evaluation_loop(dataloader, description, True, ignore_keys, prefix)
+            rewards, margin, subsets = gather_rows(self._eval_rows)
+            metrics = pair_set_metrics(rewards, margin, subsets, prefix=prefix,
+                                       center_coef=self.args.center_rewards_coefficient)
+        finally:
+            self._eval_rows = None
+        output.metrics.update(metrics)
+        self.last_eval = EvalRewards(prefix, None, rewards)
+        if self._wandb_callback is not None:
+            self._wandb_callback.last_eval = self.last_eval
+        return EvalLoopOutput(predictions=rewards, label_ids=None, metrics=output.metrics, num_samples=len(rewards))
 
     # ---- logging ----------------------------------------------------------------------------------------------
 
@@ -634,12 +687,17 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
 
 
 def _setup_eval_data(dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
-    if isinstance(dataset, PairFiles):
-        raise ValueError("eval_dataset=PairFiles(...) is not supported yet: pass a datasets.Dataset, or use the recipe's "
-                         "data.eval (files are read whole, every pair counted once across ranks).")
     if isinstance(dataset, Mapping):  # a dict, DatasetDict or IterableDatasetDict: one eval set per name
-        return {k: _tokenize(v, tokenizer, args, f"eval {k}") for k, v in dataset.items()}
-    return _tokenize(dataset, tokenizer, args, "eval")
+        return {k: _one_eval_set(v, tokenizer, args, f"eval {k}") for k, v in dataset.items()}
+    return _one_eval_set(dataset, tokenizer, args, "eval")
+
+
+def _one_eval_set(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:
+    if isinstance(dataset, PairFiles):  # streamed: each rank its shard, every pair counted once
+        split = {"split": "eval"} if dataset.held_out else {"split": "train", "eval_fraction": 0.0}
+        config = stream_config(dataset.files, args, pairs_per_batch=args.per_device_eval_batch_size, **split)
+        return StreamedEvalSet(PairStream(config, tokenizer, rank=args.process_index, world_size=args.world_size))
+    return _tokenize(dataset, tokenizer, args, name)
 
 
 def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:

@@ -1,0 +1,76 @@
+"""Evaluation on streamed files: each rank reads its shard of the evaluation files (nothing is materialised), the
+ranks run their forwards in lockstep (a rank whose shard is done runs weight-zero padding batches: under ZeRO-3
+every forward is a collective), and the metrics are computed once over every rank's pairs — each pair counted once,
+whatever the world size.
+
+The trainer runs transformers' evaluation loop over `LockstepBatches` (so DeepSpeed's inference set-up, callbacks and
+logging stay transformers'), records each batch's rewards in an `EvalRows`, and gathers them at the end
+(`gather_rows`) for `metrics.pair_set_metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from rm_scale.data.collate import padding_batch
+from rm_scale.data.stream import PairStream
+from rm_scale.distributed import all_gather_objects, all_reduce_max
+
+
+@dataclass
+class StreamedEvalSet:
+    """An evaluation set read as a stream: this rank's `PairStream` over the evaluation files."""
+
+    stream: PairStream
+
+
+class LockstepBatches(torch.utils.data.IterableDataset):
+    """This rank's evaluation batches, then padding batches (``"_pad"``) until no rank has a batch left (agreed
+    with one tiny all-reduce per batch, on ``device``)."""
+
+    def __init__(self, stream: PairStream, tokenizer: Any, device: torch.device) -> None:
+        super().__init__()
+        self.stream, self.tokenizer, self.device = stream, tokenizer, device
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = iter(self.stream)
+        while True:
+            batch = next(batches, None)
+            if all_reduce_max(torch.tensor([float(batch is not None)], device=self.device)).item() == 0:
+                return
+            if batch is None:
+                yield padding_batch(self.tokenizer)
+                continue
+            batch.pop("_state", None)
+            yield batch
+
+
+@dataclass
+class EvalRows:
+    """This rank's rewards, margins and subsets of one evaluation, batch by batch."""
+
+    chosen: list[float] = field(default_factory=list)
+    rejected: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    subset: list[str | None] = field(default_factory=list)
+
+    def add(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict[str, Any]) -> None:
+        n = chosen.shape[0]
+        self.chosen += chosen.detach().float().cpu().tolist()
+        self.rejected += rejected.detach().float().cpu().tolist()
+        margin = batch.get("margin")
+        self.margin += margin.float().cpu().tolist() if margin is not None else [0.0] * n
+        self.subset += list(batch.get("_subsets") or [None] * n)
+
+
+def gather_rows(rows: EvalRows) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Every rank's rows, rank after rank (a collective): ``(pairs, 2)`` rewards (chosen, rejected), the margins and
+    the subsets."""
+    parts = all_gather_objects((rows.chosen, rows.rejected, rows.margin, rows.subset))
+    rewards = np.array([[c, r] for p in parts for c, r in zip(p[0], p[1])], dtype=np.float64).reshape(-1, 2)
+    margin = np.array([x for p in parts for x in p[2]], dtype=np.float64)
+    return rewards, margin, [x for p in parts for x in p[3]]
