@@ -149,6 +149,15 @@ class RewardConfig(TrainingArguments):
             "block-diagonal mask. Same result, less work; other attention implementations are left as they are."
         },
     )
+    shared_prefix: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With batching='packed': compute the prefix that chosen and rejected share (their common first "
+            "tokens) once per pair, each side attending to it and to its own tokens (same rewards and gradients, "
+            "fewer tokens; token_budget counts the tokens computed). None (default): on when the model uses "
+            "rm_scale's packed attention (an 'sdpa' decoder with packed_attention on); True without it is an error."
+        },
+    )
     sparse_last_layer: bool = field(
         default=True,
         metadata={

@@ -33,6 +33,11 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
 
 def _sequences(batch, side):
     """The unpadded token ids of one side of every pair of a padded or a packed micro-batch."""
+    if "packed_groups" in batch:  # shared-prefix groups: the prefix, then this side's own tokens
+        ids = batch["packed_input_ids"]
+        return [ids[row, start:prefix_end].tolist() + ids[row, own : col + 1].tolist()
+                for (row, col), (start, prefix_end, own) in zip(batch[f"{side}_index"].tolist(),
+                                                                batch[f"{side}_span"].tolist())]
     if "packed_input_ids" in batch:
         out = []
         for row, col in batch[f"{side}_index"].tolist():
@@ -43,22 +48,26 @@ def _sequences(batch, side):
     return [ids[mask].tolist() for ids, mask in zip(batch[f"input_ids_{side}"], masks)]
 
 
-@pytest.mark.parametrize("batching", ["token_budget", "packed"])
+@pytest.mark.parametrize("batching", ["token_budget", "packed", "packed_shared_prefix"])
 def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching):
-    """Token-budget (or packed) batches give the ranks micro-batches of different sizes (and GAS 4): the step's loss
-    and gradient still equal one process computing the same pairs in one padded batch."""
+    """Token-budget (or packed, or packed with each pair's prefix computed once) batches give the ranks micro-batches
+    of different sizes (and GAS 4): the step's loss and gradient still equal one process computing the same pairs in
+    one padded batch."""
     import json
 
     from transformers import AutoTokenizer
 
     from rm_scale.data.stream import PairStream, StreamConfig
 
+    shared = batching == "packed_shared_prefix"
+    batching = "packed" if shared else batching
     stream_cfg = dict(sources=["rm_scale:demo/train"], pairs_per_batch=8, batching=batching, token_budget=250,
-                      block_size=64, seed=3, max_length=1024)
+                      block_size=64, seed=3, max_length=1024, shared_prefix=shared)
     recipe, model_dir = tiny_recipe(
         tmp_path, data={"train": ["rm_scale:demo/train"], "streaming": True}, max_steps=1, seed=3,
         per_device_train_batch_size=8, gradient_accumulation_steps=4, batching=batching, token_budget=250,
-        stream_block_size=64, center_rewards_coefficient=0.1, batch_mean_coefficient=0.5)
+        stream_block_size=64, center_rewards_coefficient=0.1, batch_mean_coefficient=0.5,
+        **({"shared_prefix": shared} if batching == "packed" else {}))
     launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
     out = tmp_path / "two"
     run_train(recipe, ["--output_dir", str(out)], launch=launch, nproc=2)
@@ -77,6 +86,8 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching)
                 rows.append({"input_ids_chosen": c, "attention_mask_chosen": [1] * len(c),
                              "input_ids_rejected": r, "attention_mask_rejected": [1] * len(r)})
     assert len(set(sizes)) > 1, sizes  # the micro-batches really are uneven
+    if shared:
+        assert two["prefix_sharing"] > 1.2, two  # the prompts really were computed once
     union = tmp_path / "union.jsonl"
     union.write_text("".join(json.dumps(r) + "\n" for r in rows))
     one_dir = tmp_path / "one"

@@ -139,7 +139,7 @@ def test_packed_attention_computes_each_sequence_block_with_the_same_result(kv_h
     batch = pack_pairs(pairs, row_length=16, pad_id=0)
     assert batch["packed_input_ids"].shape[0] >= 3
     segments = segments_from_position_ids(batch["packed_position_ids"])
-    assert all(s[0][0] == 0 and s[-1][1] == batch["packed_input_ids"].shape[1] for s in segments)  # rows covered
+    assert all(s[0][0] == 0 and s[-1][0] + s[-1][2] == batch["packed_input_ids"].shape[1] for s in segments)  # covered
     index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
     out = {}
     for name, model in (("stock", stock), ("packed", packed_model)):
@@ -220,8 +220,13 @@ def test_sparse_last_layer_key_masks_without_a_4d_mask():
     from rm_scale.model.last_layer import _key_mask
 
     rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3])
-    packed = _key_mask(None, torch.tensor([0, 3, 1]), rows, cols, 6)[:, 0, 0].int().tolist()
+    starts = torch.tensor([0, 3, 1])
+    packed = _key_mask(None, [starts, starts, starts], rows, cols, 6)[:, 0, 0].int().tolist()
     assert packed == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]]
+    # a shared-prefix group in row 0: prefix 0-1, chosen's own token 2, rejected's own tokens 3-5 (read at 5)
+    group = [torch.tensor([0, 0]), torch.tensor([2, 2]), torch.tensor([2, 3])]
+    grouped = _key_mask(None, group, torch.tensor([0, 0]), torch.tensor([2, 5]), 6)[:, 0, 0].int().tolist()
+    assert grouped == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 1, 1]]
     padding = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])  # row 1 left-padded (and right-padded)
     padded = _key_mask(padding, None, rows, cols, 6)[:, 0, 0].int().tolist()
     assert padded == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]

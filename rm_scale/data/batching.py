@@ -10,7 +10,7 @@ import random
 from itertools import zip_longest
 from typing import Any
 
-from rm_scale.data.formats import pair_length
+from rm_scale.data.formats import group_length, pair_length
 
 
 BATCHING = ("fixed", "length_grouped", "token_budget", "packed")
@@ -61,39 +61,42 @@ def rank_balance(computed: list[list[int]]) -> float:
     return sum(sum(s) / len(s) for s in steps) / busiest if busiest else 1.0
 
 
-def real_tokens(batch: list[dict[str, Any]]) -> int:
-    """Real tokens of a list of tokenised pairs, both sides."""
-    return sum(len(p["input_ids_chosen"]) + len(p["input_ids_rejected"]) for p in batch)
-
-
 def make_batches(pairs: list[dict[str, Any]], *, batching: str, pairs_per_batch: int, token_budget: int | None,
-                 rng: random.Random, order: random.Random) -> list[list[dict[str, Any]]]:
+                 rng: random.Random, order: random.Random, shared_prefix: bool = False) -> list[list[dict[str, Any]]]:
     """One rank's micro-batches of one block. ``rng`` shuffles the pairs (its draws depend on this rank's pair
-    count); ``order`` is the same generator on every rank and orders the batches (see `balanced_order`)."""
+    count); ``order`` is the same generator on every rank and orders the batches (see `balanced_order`). Packed
+    with ``shared_prefix``: the budget counts the tokens computed (each pair's shared prefix once)."""
     rng.shuffle(pairs)
     if batching == "fixed":
         return [pairs[i : i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
     if batching == "packed":
-        batches = _packed_batches(pairs, pairs_per_batch=pairs_per_batch, token_budget=token_budget)
-        batches.sort(key=real_tokens)  # stable
+        size = group_length if shared_prefix else _pair_tokens
+        batches = _packed_batches(pairs, pairs_per_batch=pairs_per_batch, token_budget=token_budget, size=size)
+        batches.sort(key=lambda batch: sum(map(size, batch)))  # stable
     else:
         batches = _grouped_batches(pairs, pairs_per_batch=pairs_per_batch,
                                    token_budget=token_budget if batching == "token_budget" else None)
     return balanced_order(batches, order)  # ascending size in, balanced random order out
 
 
-def _packed_batches(pairs: list[dict[str, Any]], *, pairs_per_batch: int, token_budget: int | None) -> list[list[Any]]:
-    """No padding to share: fill each micro-batch up to ``pairs_per_batch`` pairs and ``token_budget`` real tokens."""
+def _pair_tokens(pair: dict[str, Any]) -> int:
+    return len(pair["input_ids_chosen"]) + len(pair["input_ids_rejected"])
+
+
+def _packed_batches(pairs: list[dict[str, Any]], *, pairs_per_batch: int, token_budget: int | None,
+                    size: Any) -> list[list[Any]]:
+    """No padding to share: fill each micro-batch up to ``pairs_per_batch`` pairs and ``token_budget`` tokens
+    (``size(pair)`` each)."""
     batches: list[list[Any]] = []
     current: list[Any] = []
     used = 0
     for pair in pairs:
-        size = len(pair["input_ids_chosen"]) + len(pair["input_ids_rejected"])
-        if current and (len(current) >= pairs_per_batch or used + size > token_budget):
+        size_ = size(pair)
+        if current and (len(current) >= pairs_per_batch or used + size_ > token_budget):
             batches.append(current)
             current, used = [], 0
         current.append(pair)
-        used += size
+        used += size_
     return batches + ([current] if current else [])
 
 

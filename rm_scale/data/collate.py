@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rm_scale.data.formats import PRETOKENIZED
+from rm_scale.data.formats import PRETOKENIZED, shared_prefix_length
 
 
 @dataclass
@@ -85,17 +85,7 @@ def pack_pairs(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: i
     (row, column) of each sequence's last token, where its reward is read.
     """
     seqs = [(i, side, pair[f"input_ids_{side}"]) for i, pair in enumerate(pairs) for side in ("chosen", "rejected")]
-    longest, total = max(len(s) for _, _, s in seqs), sum(len(s) for _, _, s in seqs)
-    rows, fill = _first_fit(seqs, max(row_length or longest, longest))
-    # Rows as few as at row_length, but as short as possible: narrow them until a sequence would need another row,
-    # so the last row is not mostly padding.
-    width = max(longest, -(-total // len(rows)))
-    while True:
-        narrow = _first_fit(seqs, width)
-        if len(narrow[0]) <= len(rows):
-            rows, fill = narrow
-            break
-        width += max(1, width // 64)
+    rows, fill = _narrowest_rows(seqs, row_length, lambda x: len(x[2]))
     width = max(fill)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -116,12 +106,71 @@ def pack_pairs(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: i
     return out
 
 
-def _first_fit(seqs: list[tuple[int, str, list[int]]], capacity: int) -> tuple[list[list[Any]], list[int]]:
-    """First-fit decreasing bin packing of sequences into rows of ``capacity`` tokens."""
+def pack_groups(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:
+    """Like `pack_pairs`, but each pair is one *group*: the prefix both sides share, then the chosen side's own
+    tokens, then the rejected side's own tokens, with positions continuing from the prefix end on both sides. The
+    forward (rm_scale.model.packed_attention) lets each side attend to the prefix and to its own earlier tokens only,
+    so the prefix is computed once. ``packed_groups`` holds (row, start, prefix, chosen own, rejected own) per group
+    (a row's padding tail is a group with no prefix and no rejected part); ``chosen_span`` / ``rejected_span`` the
+    keys of each read token: (group start, prefix end, own start)."""
+    items = [(i, p["input_ids_chosen"], p["input_ids_rejected"]) for i, p in enumerate(pairs)]
+    shared = [shared_prefix_length(c, r) for _, c, r in items]
+    sizes = {i: len(c) + len(r) - shared[i] for i, c, r in items}
+    rows, fill = _narrowest_rows([i for i, _, _ in items], row_length, sizes.__getitem__)
+    width = max(fill)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    spans = {side: torch.zeros((len(pairs), 3), dtype=torch.long) for side in ("chosen", "rejected")}
+    index = {side: torch.zeros((len(pairs), 2), dtype=torch.long) for side in ("chosen", "rejected")}
+    groups = []
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            _, chosen, rejected = items[i]
+            p, end = shared[i], col + len(chosen) + len(rejected) - shared[i]
+            ids[r, col : col + len(chosen)] = torch.as_tensor(chosen, dtype=torch.long)
+            ids[r, col + len(chosen) : end] = torch.as_tensor(rejected[p:], dtype=torch.long)
+            pos[r, col : col + len(chosen)] = torch.arange(len(chosen))
+            pos[r, col + len(chosen) : end] = torch.arange(p, len(rejected))
+            index["chosen"][i] = torch.tensor([r, col + len(chosen) - 1])
+            index["rejected"][i] = torch.tensor([r, end - 1])
+            spans["chosen"][i] = torch.tensor([col, col + p, col + p])
+            spans["rejected"][i] = torch.tensor([col, col + p, col + len(chosen)])
+            groups.append((r, col, p, len(chosen) - p, len(rejected) - p))
+            col = end
+        if col < width:  # the row's tail padding: a sequence of its own
+            pos[r, col:] = torch.arange(width - col)
+            groups.append((r, col, 0, width - col, 0))
+    out = {"packed_input_ids": ids, "packed_position_ids": pos, "chosen_index": index["chosen"],
+           "rejected_index": index["rejected"], "packed_real_tokens": torch.tensor(sum(fill)),
+           "packed_pair_tokens": torch.tensor(sum(len(c) + len(r) for _, c, r in items)),
+           "packed_groups": torch.tensor(groups, dtype=torch.long), "chosen_span": spans["chosen"],
+           "rejected_span": spans["rejected"]}
+    if "margin" in pairs[0]:
+        out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
+    return out
+
+
+def _narrowest_rows(items: list[Any], row_length: int | None, size: Any) -> tuple[list[list[Any]], list[int]]:
+    """First-fit rows of ``items`` (``size(item)`` tokens each), as few as at ``row_length`` (at least the longest
+    item), but as narrow as possible: narrowed until an item would need another row, so the last row is not mostly
+    padding."""
+    longest, total = max(map(size, items)), sum(map(size, items))
+    rows, fill = _first_fit(items, max(row_length or longest, longest), size)
+    width = max(longest, -(-total // len(rows)))
+    while True:
+        narrow = _first_fit(items, width, size)
+        if len(narrow[0]) <= len(rows):
+            return narrow
+        width += max(1, width // 64)
+
+
+def _first_fit(items: list[Any], capacity: int, size: Any) -> tuple[list[list[Any]], list[int]]:
+    """First-fit decreasing bin packing of items (``size(item)`` tokens each) into rows of ``capacity`` tokens."""
     rows: list[list[Any]] = []
     fill: list[int] = []
-    for item in sorted(seqs, key=lambda x: -len(x[2])):
-        n = len(item[2])
+    for item in sorted(items, key=lambda x: -size(x)):
+        n = size(item)
         row = next((r for r, used in enumerate(fill) if used + n <= capacity), None)
         if row is None:
             rows.append([])

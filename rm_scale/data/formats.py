@@ -163,3 +163,19 @@ def truncate_pair(pair: dict[str, Any], limit: int) -> dict[str, Any]:
 def pair_length(pair: dict[str, Any]) -> int:
     """Tokens of the longer side of a tokenised pair."""
     return max(len(pair["input_ids_chosen"]), len(pair["input_ids_rejected"]))
+
+
+def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:
+    """Tokens the two sides share at their start (token ids: exact for every format), leaving each side at least
+    one token of its own (its reward is read at its last token, which must come after the shared part)."""
+    limit = min(len(chosen), len(rejected)) - 1
+    n = 0
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def group_length(pair: dict[str, Any]) -> int:
+    """Tokens a pair costs with its shared prefix computed once."""
+    chosen, rejected = pair["input_ids_chosen"], pair["input_ids_rejected"]
+    return len(chosen) + len(rejected) - shared_prefix_length(chosen, rejected)

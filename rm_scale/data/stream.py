@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rm_scale.data.batching import check_batching, make_batches
-from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, pack_pairs
+from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, pack_groups, pack_pairs
 from rm_scale.data.formats import pair_length, tokenize_canonical, truncate_pair
 from rm_scale.data.mapping import ignored_label_columns, matches
 from rm_scale.data.presets import presets_reading
@@ -69,6 +69,7 @@ class StreamConfig:
     split: str = "train"  # with eval_fraction: "train" keeps the other prompts, "eval" only the held-out ones
     strict: bool = False  # a bad row raises (file, line, field, fix) instead of being skipped and counted
     truncation: str = "drop"  # over-long pairs: "drop" (counted) or "keep_end" (keep the last max_length tokens)
+    shared_prefix: bool = False  # packed: each pair's common prefix once (collate.pack_groups)
 
     def __post_init__(self) -> None:
         if not all(isinstance(x, Source) for x in self.sources):
@@ -91,6 +92,7 @@ def stream_config(sources: Sequence[Any], args: Any, **overrides: Any) -> Stream
         eval_fraction=args.eval_fraction,
         strict=args.strict_data,
         truncation=args.truncation,
+        shared_prefix=bool(getattr(args, "shared_prefix", False)) and args.batching == "packed",
     )
     fields.update(overrides)
     return StreamConfig(**fields)
@@ -216,12 +218,13 @@ class PairStream(torch.utils.data.IterableDataset):
             key = f"{self.config.seed}/{epoch}/{block}"
             batches = make_batches(pairs, batching=self.config.batching, pairs_per_batch=self.config.pairs_per_batch,
                                    token_budget=self.config.token_budget, rng=random.Random(key),
-                                   order=random.Random(f"{key}/order"))
+                                   order=random.Random(f"{key}/order"), shared_prefix=self.config.shared_prefix)
             for k, batch in enumerate(batches):
                 if k < skip:
                     continue
                 if self.config.batching == "packed":
-                    out = pack_pairs(batch, row_length=self.config.max_length, pad_id=self.tokenizer.pad_token_id)
+                    pack = pack_groups if self.config.shared_prefix else pack_pairs
+                    out = pack(batch, row_length=self.config.max_length, pad_id=self.tokenizer.pad_token_id)
                     real = int(out["packed_real_tokens"])
                 else:
                     out = self.collator(batch)

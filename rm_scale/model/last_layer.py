@@ -109,7 +109,7 @@ def _forward_at(
     key, value = key[rows], value[rows]  # each read token with its own row's keys and values
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    mask = _key_mask(attention_mask, starts[0] if starts else None, rows, cols, width)
+    mask = _key_mask(attention_mask, starts or None, rows, cols, width)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=attn.scaling,
         dropout_p=attn.attention_dropout if attn.training else 0.0,
@@ -120,14 +120,18 @@ def _forward_at(
     return hidden.new_zeros(hidden.shape).index_put((rows, cols), h)
 
 
-def _key_mask(attention_mask: torch.Tensor | None, starts: torch.Tensor | None, rows: torch.Tensor,
+def _key_mask(attention_mask: torch.Tensor | None, spans: list[torch.Tensor] | None, rows: torch.Tensor,
               cols: torch.Tensor, width: int) -> torch.Tensor:
-    """(N, 1, 1, T) mask of the keys each read token attends to: its packed sequence up to itself (``starts`` given);
-    else its own row of the layer's 4-D mask; else the row's real tokens (2-D padding mask) or every key up to itself."""
+    """(N, 1, 1, T) mask of the keys each read token attends to. Packed (``spans`` = its sequence's start, the end of
+    a shared prefix, the start of its own tokens): the prefix and its own tokens up to itself (a plain sequence has
+    prefix end = own start = start). Else its own row of the layer's 4-D mask; else the row's real tokens (2-D
+    padding mask) or every key up to itself."""
     positions = torch.arange(width, device=cols.device)
     causal = positions <= cols[:, None]
-    if starts is not None:
-        return (causal & (positions >= starts[:, None]))[:, None, None, :]
+    if spans is not None:
+        start, prefix_end, own = (t[:, None] for t in spans)
+        keys = ((positions >= start) & (positions < prefix_end)) | ((positions >= own) & causal)
+        return keys[:, None, None, :]
     if attention_mask is None:
         return causal[:, None, None, :]
     if attention_mask.dim() == 2:

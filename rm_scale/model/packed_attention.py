@@ -13,6 +13,12 @@ generation are unchanged. `RewardTrainer` switches a model from `sdpa` to it whe
 `rm_scale.model.reward.forward_packed_rewards` passes ``packed_segments`` (each row's sequence boundaries, from the
 position_ids) when the model uses it. The implementation name is not saved with the model (transformers keeps it out of
 config.json), so a saved model loads with whatever attention its user picks.
+
+Shared-prefix groups (rm_scale.data.collate.pack_groups): a segment may be a pair's group -- the prefix both sides
+share, the chosen side's own tokens, the rejected side's own tokens. The prefix and the chosen side are one causal
+sequence; the rejected side's queries attend to the prefix's keys and their own (causal, aligned to the bottom
+right), never to the chosen side. So the prefix is computed once for both sides and the rewards are those of two
+separate sequences.
 """
 
 from __future__ import annotations
@@ -21,15 +27,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 NAME = "rm_scale_packed_sdpa"
 
-Segments = tuple[tuple[tuple[int, int], ...], ...]  # per row: (start, end) of each sequence, covering the whole row
+# Per row: (start, prefix, own, other) of each segment, covering the whole row: a plain sequence is
+# (start, 0, length, 0); a shared-prefix group is (start, prefix, chosen's own tokens, rejected's own tokens).
+Segments = tuple[tuple[tuple[int, int, int, int], ...], ...]
 
 
 def segments_from_position_ids(position_ids: torch.Tensor) -> Segments:
-    """Each row's sequences as (start, end) column ranges: a sequence starts where position_ids is 0. The ranges cover
-    the whole row (a row's padding tail is a sequence of its own, see pack_pairs), so every output position is set."""
+    """Each row's sequences: a sequence starts where position_ids is 0. They cover the whole row (a row's padding tail
+    is a sequence of its own, see pack_pairs), so every output position is set."""
     pos = position_ids.detach().to("cpu")
     width = pos.shape[1]
     out = []
@@ -38,8 +47,16 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> Segments:
         if not starts or starts[0] != 0:
             starts = [0, *starts]
         ends = [*starts[1:], width]
-        out.append(tuple(zip(starts, ends)))
+        out.append(tuple((a, 0, b - a, 0) for a, b in zip(starts, ends)))
     return tuple(out)
+
+
+def segments_from_groups(groups: torch.Tensor, rows: int) -> Segments:
+    """The segments of pack_groups' ``packed_groups`` ((row, start, prefix, own, other) per group, in row order)."""
+    out: list[list[tuple[int, int, int, int]]] = [[] for _ in range(rows)]
+    for row, start, prefix, own, other in groups.detach().to("cpu").tolist():
+        out[row].append((start, prefix, own, other))
+    return tuple(tuple(r) for r in out)
 
 
 def packed_sdpa_attention_forward(
@@ -67,14 +84,31 @@ def packed_sdpa_attention_forward(
     rows = []
     for r, segments in enumerate(packed_segments):
         q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
-        parts = [
-            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
-                                           is_causal=True, scale=scaling)
-            for a, b in segments
-        ]
+        parts = [part for segment in segments for part in _segment(q, k, v, segment, dropout, scaling)]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: tuple[int, int, int, int], dropout: float,
+             scaling: float | None) -> list[torch.Tensor]:
+    """Attention outputs of one segment's positions: the prefix + own part as one causal sequence, then the other
+    side's queries over the prefix's keys and their own."""
+    start, prefix, own, other = segment
+    split = start + prefix + own
+    first = F.scaled_dot_product_attention(q[:, :, start:split], k[:, :, start:split], v[:, :, start:split],
+                                           dropout_p=dropout, is_causal=True, scale=scaling)
+    if not other:
+        return [first]
+    end = split + other
+    keys = torch.cat([k[:, :, start : start + prefix], k[:, :, split:end]], dim=2)
+    values = torch.cat([v[:, :, start : start + prefix], v[:, :, split:end]], dim=2)
+    # Query i of the other side sees the prefix and its own first i + 1 tokens: causal, aligned to the bottom right
+    # (a CausalBias: GPU kernels run it without a materialised mask).
+    mask = causal_lower_right(other, prefix + other)
+    second = F.scaled_dot_product_attention(q[:, :, split:end], keys, values, attn_mask=mask, dropout_p=dropout,
+                                            scale=scaling)
+    return [first, second]
 
 
 def register() -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rm_scale.model.last_layer import uses_sparse_last_layer
-from rm_scale.model.packed_attention import segments_from_position_ids, uses_packed_attention
+from rm_scale.model.packed_attention import segments_from_groups, segments_from_position_ids, uses_packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +86,31 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def forward_packed_rewards(
-    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, index: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, index: torch.Tensor, *,
+    groups: torch.Tensor | None = None, spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rewards of packed sequences (see rm_scale.data.collate.pack_pairs): one forward, no attention mask — restarting
     position_ids make transformers attend within each sequence only — read at ``index`` = (row, column) pairs.
 
     With the packed attention implementation (rm_scale.model.packed_attention, set by RewardTrainer for batching="packed")
-    the sequences' boundaries go along, and attention computes each sequence's own block only."""
+    the sequences' boundaries go along, and attention computes each sequence's own block only. Shared-prefix groups
+    (collate.pack_groups: ``groups``, and ``spans`` = (group start, prefix end, own start) of each read token) need it."""
     extra: dict[str, Any] = {}
     inner = base_model(model)
     if uses_packed_attention(inner):
-        extra["packed_segments"] = segments_from_position_ids(position_ids)
-    if uses_sparse_last_layer(inner):  # each read token attends to its own sequence: from its start to itself
+        rows = input_ids.shape[0]
+        extra["packed_segments"] = (segments_from_groups(groups, rows) if groups is not None
+                                    else segments_from_position_ids(position_ids))
+    elif groups is not None:
+        raise ValueError("Shared-prefix batches need rm_scale's packed attention (a model on 'sdpa' attention with "
+                         "packed_attention on); set shared_prefix: false for this model.")
+    if uses_sparse_last_layer(inner):  # each read token attends to its own sequence (or group part) up to itself
         rows, cols = index[:, 0].to(input_ids.device), index[:, 1].to(input_ids.device)
-        extra["reward_positions"] = (rows, cols, cols - position_ids.to(input_ids.device)[rows, cols])
+        if spans is None:
+            starts = cols - position_ids.to(input_ids.device)[rows, cols]
+            spans = torch.stack([starts, starts, starts], dim=1)
+        spans = spans.to(input_ids.device)
+        extra["reward_positions"] = (rows, cols, spans[:, 0], spans[:, 1], spans[:, 2])
     with _capture_output(score_head(model)) as cap:
         model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     per_token = cap.get("out")

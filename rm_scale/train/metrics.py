@@ -22,7 +22,7 @@ HIST_EDGES = [x / 2 for x in range(-16, 17)]  # -8.0 .. 8.0 by 0.5
 
 # Order of the per-step metric sums kept on device and reduced once per logging step.
 SUM_KEYS = ("pairs", "bt", "center", "correct", "margin", "chosen", "chosen_sq", "rejected", "rejected_sq",
-            "real_tokens", "padded_tokens")
+            "real_tokens", "padded_tokens", "pair_tokens")
 
 
 class EvalRewards(NamedTuple):
@@ -146,6 +146,7 @@ class TrainMetrics:
             sums.bt.detach().float(), sums.center.detach().float(), sums.correct.float(), sums.margin.float(),
             chosen.sum(), (chosen**2).sum(), rejected.sum(), (rejected**2).sum(),
             tokens[0].float().to(chosen.device), tokens[1].float().to(chosen.device),
+            tokens[2 if tokens.numel() > 2 else 0].float().to(chosen.device),
         ])
         step = torch.cat([step, histogram(chosen), histogram(rejected)])
         self._sums = step if self._sums is None else self._sums + step
@@ -187,11 +188,15 @@ class TrainMetrics:
         now = time.perf_counter()
         last, self._last_log_time = self._last_log_time, now
         peak = all_reduce_max(torch.tensor(peak_memory_gb(device), device=device))
+        # real tokens: those of the pairs' sequences (what an unshared forward computes unpadded); placed: the row
+        # positions that hold a token (fewer with a shared prefix); padded: every position computed.
         out = {"padding_efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1.0),
+               "prefix_sharing": totals["pair_tokens"] / max(totals["real_tokens"], 1.0),
+               "computed_tokens_per_pair": totals["padded_tokens"] / max(totals["pairs"], 1.0),
                "peak_memory_gb": peak.item()}
         if last is not None:
             out["pairs_per_s"] = totals["pairs"] / (now - last)
-            out["tokens_per_s"] = totals["real_tokens"] / (now - last)
+            out["tokens_per_s"] = totals["pair_tokens"] / (now - last)
         if self._balance is not None and world_size > 1:
             mean, busiest = self._balance.tolist()  # the same on every rank (from the step's all-gather)
             out["rank_balance"] = mean / max(busiest, 1.0)

@@ -604,19 +604,23 @@ class RewardTrainer(Trainer):
 
 
 def pair_rewards(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen rewards, rejected rewards, [real tokens, computed tokens]) from ONE forward of a padded or a packed
-    micro-batch."""
+    """(chosen rewards, rejected rewards, [placed tokens, computed tokens, the pairs' tokens]) from ONE forward of a
+    padded or a packed micro-batch (placed = the pairs' tokens unless a shared prefix is computed once)."""
     if "packed_input_ids" in inputs:
         ids, pos = inputs["packed_input_ids"], inputs["packed_position_ids"]
         index = torch.cat([inputs["chosen_index"], inputs["rejected_index"]])
-        rewards = forward_packed_rewards(model, ids, pos, index)
+        spans = torch.cat([inputs["chosen_span"], inputs["rejected_span"]]) if "chosen_span" in inputs else None
+        rewards = forward_packed_rewards(model, ids, pos, index, groups=inputs.get("packed_groups"), spans=spans)
         real = inputs["packed_real_tokens"].reshape(()).float()
+        pair_tokens = inputs.get("packed_pair_tokens", inputs["packed_real_tokens"]).reshape(()).float()
     else:
         ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
         mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
         rewards = forward_rewards(model, ids, mask)
         real = mask.sum().float()
-    tokens = torch.stack([real, torch.tensor(float(computed_tokens(inputs)), device=real.device)])
+        pair_tokens = real
+    computed = torch.tensor(float(computed_tokens(inputs)), device=real.device)
+    tokens = torch.stack([real, computed, pair_tokens.to(real.device)])
     n = rewards.shape[0] // 2
     return rewards[:n], rewards[n:], tokens
 
@@ -679,8 +683,12 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
         model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing, new_token_ids=new_tokens)
     if args.disable_dropout:  # after PEFT: LoRA's own dropout too
         disable_dropout(model)
-    if args.batching == "packed" and args.packed_attention:
-        use_packed_attention(base_model(model))
+    packed = args.batching == "packed" and args.packed_attention and use_packed_attention(base_model(model))
+    if args.shared_prefix and not packed:
+        raise ValueError("shared_prefix=True needs batching='packed' and rm_scale's packed attention (packed_attention "
+                         "on, a decoder model on 'sdpa' attention): set shared_prefix to None or False.")
+    if args.shared_prefix is None:  # the stream reads the resolved value
+        args.shared_prefix = bool(packed)
     if args.sparse_last_layer:
         use_sparse_last_layer(base_model(model))
     return model, tokenizer
