@@ -64,11 +64,18 @@ def test_real_hh_rlhf_report(tok_dir):
 
 @pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")
 def test_real_hh_rlhf_packed_report(tok_dir):
-    proc = _inspect(HH, "--model", tok_dir, "--max-length", "512", "--batching", "packed", "--token-budget", "8192",
-                    "--json")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["padding_efficiency"] >= 0.95 > report["padding_efficiency_fixed_batches"]
-    assert report["length_percentiles"]["100"] <= 512
+    """Packed batches of the real hh-rlhf pairs: almost no padding, and with each pair's prompt computed once
+    (the default) at most 0.7x the tokens per pair of packing without sharing."""
+    reports = {}
+    for name, extra in (("shared", []), ("plain", ["--no-shared-prefix"])):
+        proc = _inspect(HH, "--model", tok_dir, "--max-length", "512", "--batching", "packed", "--token-budget",
+                        "8192", "--json", *extra)
+        reports[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    shared, plain = reports["shared"], reports["plain"]
+    assert plain["padding_efficiency"] >= 0.95 > plain["padding_efficiency_fixed_batches"]
+    assert shared["padding_efficiency"] >= 0.9 and plain["prefix_sharing"] == 1.0 < 1.4 <= shared["prefix_sharing"]
+    assert shared["computed_tokens_per_pair"] <= 0.7 * plain["computed_tokens_per_pair"]
+    assert shared["pairs_kept"] == plain["pairs_kept"] and shared["length_percentiles"]["100"] <= 512
 
 
 SHP_ROWS = [

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--max-length", type=int, default=1024)
     ins.add_argument("--batching", default="length_grouped", choices=list(BATCHING))
     ins.add_argument("--token-budget", type=int)
+    ins.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false", default=None,
+                     help="packed batches without each pair's shared prefix computed once")
     ins.add_argument("--strict", action="store_true", help="stop at the first bad row with file, line, field, fix")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     demo = sub.add_parser("demo", help="the embedded default: 2-rank ZeRO-3 training of SmolLM2-135M on demo pairs")
@@ -94,7 +96,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         return run_inspect(args.paths, model=args.model, world_size=args.world_size,
                            pairs_per_batch=args.pairs_per_batch, max_length=args.max_length, batching=args.batching,
                            token_budget=args.token_budget, strict=args.strict, as_json=args.json,
-                           config_file=args.config, show=args.show)
+                           config_file=args.config, show=args.show, shared_prefix=args.shared_prefix)
     from rm_scale.commands.demo import run_demo  # lazy: the demo imports nothing heavy, but keep --help minimal
 
     return run_demo(output_dir=args.output_dir, num_processes=args.num_processes)

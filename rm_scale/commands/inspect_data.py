@@ -98,6 +98,8 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
     report["pairs_kept"] = sum(r["pairs"] for r in report["ranks"])
     report["pairs_dropped"] = dropped
     report["padding_efficiency"] = real / max(padded, 1)
+    report["prefix_sharing"] = sum(r.get("pair_tokens", 0) for r in report["ranks"]) / max(real, 1)
+    report["computed_tokens_per_pair"] = padded / max(report["pairs_kept"], 1)
     if world_size > 1:
         report["rank_balance"] = rank_balance(computed)
     pct = (50, 90, 99, 100)
@@ -130,6 +132,8 @@ def print_report(report: dict[str, Any]) -> None:
     if "padding_efficiency_fixed_batches" in report:
         line += f"   (fixed batches: {report['padding_efficiency_fixed_batches']:.3f})"
     print(line)
+    print(f"computed tokens per pair: {report['computed_tokens_per_pair']:.1f}   prefix sharing (pair tokens / "
+          f"tokens computed once): {report['prefix_sharing']:.3f}")
     for warning in report.get("warnings", {}).values():
         print(f"warning: {warning}")
     if report.get("unshared_prompts"):
@@ -143,8 +147,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 def run_inspect(paths: Sequence[str], *, model: str, world_size: int, pairs_per_batch: int, max_length: int | None,
                 batching: str, token_budget: int | None, strict: bool, as_json: bool, config_file: str | None = None,
-                show: int = 3) -> int:
-    """`rm-scale inspect-data`: exits 1 when not a single pair is kept."""
+                show: int = 3, shared_prefix: bool | None = None) -> int:
+    """`rm-scale inspect-data`: exits 1 when not a single pair is kept. Packed batches share each pair's prefix
+    unless ``shared_prefix`` is False (as training does on a decoder model with sdpa attention)."""
     if config_file:
         recipe = load_recipe(config_file)
         train = recipe["train"]
@@ -152,11 +157,13 @@ def run_inspect(paths: Sequence[str], *, model: str, world_size: int, pairs_per_
         pairs_per_batch = train.get("per_device_train_batch_size", pairs_per_batch)
         max_length, batching = train.get("max_length", max_length), train.get("batching", batching)
         token_budget, strict = train.get("token_budget", token_budget), train.get("strict_data", strict)
+        shared_prefix = train.get("shared_prefix", shared_prefix)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     ensure_pad_token(tokenizer)
     sources = [s for spec in paths for s in parse_sources(spec)]
     config = StreamConfig(sources=sources, pairs_per_batch=pairs_per_batch, max_length=max_length,
-                          batching=batching, token_budget=token_budget, strict=strict)
+                          batching=batching, token_budget=token_budget, strict=strict,
+                          shared_prefix=batching == "packed" and shared_prefix is not False)
     report = inspect(config, tokenizer, world_size=world_size)
     report["samples"] = sample_pairs(config, tokenizer, count=show)
     if as_json:

@@ -92,7 +92,8 @@ def stream_config(sources: Sequence[Any], args: Any, **overrides: Any) -> Stream
         eval_fraction=args.eval_fraction,
         strict=args.strict_data,
         truncation=args.truncation,
-        shared_prefix=bool(getattr(args, "shared_prefix", False)) and args.batching == "packed",
+        # None (not resolved by a trainer, e.g. inspect-data): what the trainer picks for an sdpa decoder model
+        shared_prefix=args.batching == "packed" and getattr(args, "shared_prefix", None) is not False,
     )
     fields.update(overrides)
     return StreamConfig(**fields)
@@ -107,6 +108,7 @@ class StreamStats:
     dropped: dict[str, int] = field(default_factory=dict)
     real_tokens: int = 0
     padded_tokens: int = 0
+    pair_tokens: int = 0  # tokens of the pairs' sequences (more than real_tokens when shared prefixes are computed once)
     warnings: dict[str, str] = field(default_factory=dict)  # per source: a mapping that looks wrong
     unshared_prompts: int = 0  # whole-transcript pairs whose two sides share no beginning (no prompt found)
 
@@ -230,6 +232,7 @@ class PairStream(torch.utils.data.IterableDataset):
                     out = self.collator(batch)
                     real = int(out["attention_mask_chosen"].sum() + out["attention_mask_rejected"].sum())
                 self.stats.real_tokens += real
+                self.stats.pair_tokens += int(out.get("packed_pair_tokens", real))
                 self.stats.padded_tokens += computed_tokens(out)
                 self.stats.pairs += len(batch)
                 if any("subset" in p for p in batch):  # per-subset evaluation accuracy
