@@ -330,7 +330,8 @@ def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
 
     config = StreamConfig(sources=[spec["data"]], pairs_per_batch=spec["pairs_per_device"],
                           max_length=spec["max_length"], batching=spec["batching"],
-                          token_budget=spec.get("token_budget"), block_size=spec["block_size"], seed=spec["seed"])
+                          token_budget=spec.get("token_budget"), block_size=spec["block_size"], seed=spec["seed"],
+                          shared_prefix=spec["batching"] == "packed")  # as rm_scale trains an sdpa model by default
     return list(itertools.islice(PairStream(config, tokenizer, rank=0, world_size=1), spec["steps"]))
 
 
@@ -387,7 +388,9 @@ def _bare_rewards(model: Any, batch: dict[str, Any], mirror: bool) -> Any:
     if "packed_input_ids" in batch:
         # padding-free: restarting position_ids, no attention mask; each sequence's reward at its last token
         index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
-        return forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index)
+        spans = torch.cat([batch["chosen_span"], batch["rejected_span"]]) if "chosen_span" in batch else None
+        return forward_packed_rewards(model, batch["packed_input_ids"], batch["packed_position_ids"], index,
+                                      groups=batch.get("packed_groups"), spans=spans)
     ids = torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]])
     mask = torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]])
     if mirror:
@@ -445,7 +448,7 @@ def run_pipeline(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
         config = StreamConfig(sources=[spec["data"]], pairs_per_batch=spec["pairs_per_device"],
                               max_length=spec["max_length"], batching=variant["batching"],
                               token_budget=variant.get("token_budget"), block_size=variant["block_size"],
-                              seed=spec["seed"])
+                              seed=spec["seed"], shared_prefix=variant["batching"] == "packed")
         stream = PairStream(config, tokenizer, rank=0, world_size=1)
         source: Any = stream
         if variant["workers"]:

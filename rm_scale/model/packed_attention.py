@@ -103,9 +103,13 @@ def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: tuple[i
     end = split + other
     keys = torch.cat([k[:, :, start : start + prefix], k[:, :, split:end]], dim=2)
     values = torch.cat([v[:, :, start : start + prefix], v[:, :, split:end]], dim=2)
-    # Query i of the other side sees the prefix and its own first i + 1 tokens: causal, aligned to the bottom right
-    # (a CausalBias: GPU kernels run it without a materialised mask).
-    mask = causal_lower_right(other, prefix + other)
+    # Query i of the other side sees the prefix and its own first i + 1 tokens: causal, aligned to the bottom right.
+    # A CausalBias lets GPU kernels run it without a materialised mask, but it checks dtypes before autocast casts
+    # them (under bf16 autocast the rotated query and key are fp32, the value bf16): then a boolean mask.
+    if q.dtype == keys.dtype == values.dtype:
+        mask = causal_lower_right(other, prefix + other)
+    else:
+        mask = torch.ones(other, prefix + other, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
     second = F.scaled_dot_product_attention(q[:, :, split:end], keys, values, attn_mask=mask, dropout_p=dropout,
                                             scale=scaling)
     return [first, second]
