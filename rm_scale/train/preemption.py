@@ -33,6 +33,7 @@ silent rank; the last complete checkpoint stays the one to resume). Live ranks b
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -134,8 +135,9 @@ class PreemptionCallback(TrainerCallback):
             os.set_blocking(fd, False)
         self._wakeup = (signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False), write_fd)
         self._watching = threading.Event()
-        threading.Thread(target=_watch, args=(beats, self._watching, read_fd), name="rm_scale-watch",
-                         daemon=True).start()
+        self._watcher = threading.Thread(target=_watch, args=(beats, self._watching, read_fd), name="rm_scale-watch",
+                                         daemon=True)
+        self._watcher.start()
 
     def _stop_heartbeats(self) -> None:
         """Stop watching the others (this rank's own beat goes on until the process ends: a rank that left train()
@@ -144,6 +146,7 @@ class PreemptionCallback(TrainerCallback):
             return
         self._watching.set()
         self._watching = None
+        self._watcher.join(timeout=15)  # not left inside a store call when the interpreter exits (see _stop_beating)
         previous, write_fd = self._wakeup
         if threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(previous)
@@ -194,8 +197,8 @@ _BEATS: list[Heartbeats | None] = []  # this process's heartbeats, started once 
 
 
 def _process_heartbeats() -> Heartbeats | None:
-    """This rank's heartbeats (a thread beating every HEARTBEAT_PERIOD_S until the process ends), started on first
-    use; None in a single process or without a store to reach."""
+    """This rank's heartbeats (a thread beating every HEARTBEAT_PERIOD_S until the interpreter exits), started on
+    first use; None in a single process or without a store to reach."""
     if not _BEATS:
         beats = None
         if Heartbeats.available():
@@ -205,19 +208,28 @@ def _process_heartbeats() -> Heartbeats | None:
                 logger.warning("save_on_signal: no heartbeats (%s): a rank's death ends the job at the launcher's "
                                "pace.", e)
         if beats is not None:
-            threading.Thread(target=_beat, args=(beats,), name="rm_scale-heartbeat", daemon=True).start()
+            stop = threading.Event()
+            thread = threading.Thread(target=_beat, args=(beats, stop), name="rm_scale-heartbeat", daemon=True)
+            thread.start()
+            # Joined before the interpreter finalises: a daemon thread ended there while inside the store's C++ call
+            # aborts the process (SIGABRT from std::terminate), failing a run that had finished.
+            atexit.register(_stop_beating, stop, thread)
         _BEATS.append(beats)
     return _BEATS[0]
 
 
-def _beat(beats: Heartbeats) -> None:
-    while True:
+def _beat(beats: Heartbeats, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_PERIOD_S):
         try:
             beats.beat()
         except RuntimeError as e:  # the store is gone: the launcher (or the first node) has died
             logger.warning("save_on_signal: heartbeats stopped (%s).", e)
             return
-        time.sleep(HEARTBEAT_PERIOD_S)
+
+
+def _stop_beating(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join(timeout=15)  # a beat waits at most the store's timeout
 
 
 def _watch(beats: Heartbeats, stop: threading.Event, read_fd: int) -> None:

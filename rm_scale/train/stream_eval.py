@@ -49,17 +49,24 @@ class LockstepBatches(torch.utils.data.IterableDataset):
             yield batch
 
 
+SAMPLES = 8  # pairs whose token ids are kept for the W&B sample table
+
+
 @dataclass
 class EvalRows:
-    """This rank's rewards, margins and subsets of one evaluation, batch by batch."""
+    """This rank's rewards, margins and subsets of one evaluation, batch by batch, and the token ids of its first
+    `SAMPLES` pairs (``samples``: rows i of rank 0's come first in the gathered rewards)."""
 
     chosen: list[float] = field(default_factory=list)
     rejected: list[float] = field(default_factory=list)
     margin: list[float] = field(default_factory=list)
     subset: list[str | None] = field(default_factory=list)
+    samples: list[dict[str, list[int]]] = field(default_factory=list)
 
     def add(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict[str, Any]) -> None:
         n = chosen.shape[0]
+        if len(self.samples) < SAMPLES:
+            self.samples += pair_ids(batch)[: SAMPLES - len(self.samples)]
         self.chosen += chosen.detach().float().cpu().tolist()
         self.rejected += rejected.detach().float().cpu().tolist()
         margin = batch.get("margin")
@@ -74,3 +81,24 @@ def gather_rows(rows: EvalRows) -> tuple[np.ndarray, np.ndarray, list[str | None
     rewards = np.array([[c, r] for p in parts for c, r in zip(p[0], p[1])], dtype=np.float64).reshape(-1, 2)
     margin = np.array([x for p in parts for x in p[2]], dtype=np.float64)
     return rewards, margin, [x for p in parts for x in p[3]]
+
+
+def pair_ids(batch: dict[str, Any]) -> list[dict[str, list[int]]]:
+    """The token ids of each pair of a padded, packed or shared-prefix micro-batch, in pair order."""
+    out = []
+    for i in range(batch["chosen_index" if "chosen_index" in batch else "input_ids_chosen"].shape[0]):
+        out.append({f"input_ids_{side}": _side_ids(batch, side, i) for side in ("chosen", "rejected")})
+    return out
+
+
+def _side_ids(batch: dict[str, Any], side: str, i: int) -> list[int]:
+    if "packed_input_ids" not in batch:
+        ids, mask = batch[f"input_ids_{side}"][i], batch[f"attention_mask_{side}"][i]
+        return ids[mask.bool()].tolist()
+    ids = batch["packed_input_ids"]
+    row, col = batch[f"{side}_index"][i].tolist()
+    if f"{side}_span" in batch:  # the shared prefix, then this side's own tokens
+        start, prefix_end, own = batch[f"{side}_span"][i].tolist()
+        return ids[row, start:prefix_end].tolist() + ids[row, own : col + 1].tolist()
+    length = int(batch["packed_position_ids"][row, col]) + 1
+    return ids[row, col - length + 1 : col + 1].tolist()

@@ -536,7 +536,7 @@ class RewardTrainer(Trainer):
             with torch.no_grad(), self.compute_loss_context_manager():
                 chosen, rejected, _ = pair_rewards(model, inputs)
             if not is_padding:
-                self._eval_rows.add(chosen, rejected, {"margin": inputs.get("margin"), "_subsets": subsets})
+                self._eval_rows.add(chosen, rejected, {**inputs, "_subsets": subsets})
             return None, None, None
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -568,16 +568,16 @@ class RewardTrainer(Trainer):
 
     def _streamed_evaluation_loop(self, dataloader: Any, description: str, ignore_keys: list[str] | None,
                                   prefix: str) -> EvalLoopOutput:
-        self._eval_rows = EvalRows()
+        rows = self._eval_rows = EvalRows()
         try:
             output = super().evaluation_loop(dataloader, description, True, ignore_keys, prefix)
-            rewards, margin, subsets = gather_rows(self._eval_rows)
-            metrics = pair_set_metrics(rewards, margin, subsets, prefix=prefix,
-                                       center_coef=self.args.center_rewards_coefficient)
         finally:
             self._eval_rows = None
-        output.metrics.update(metrics)
-        self.last_eval = EvalRewards(prefix, None, rewards)
+        rewards, margin, subsets = gather_rows(rows)
+        output.metrics.update(pair_set_metrics(rewards, margin, subsets, prefix=prefix,
+                                               center_coef=self.args.center_rewards_coefficient))
+        # rank 0's first pairs are the first rows of the gathered rewards: the W&B sample table's rows
+        self.last_eval = EvalRewards(prefix, rows.samples if self.is_world_process_zero() else None, rewards)
         if self._wandb_callback is not None:
             self._wandb_callback.last_eval = self.last_eval
         return EvalLoopOutput(predictions=rewards, label_ids=None, metrics=output.metrics, num_samples=len(rewards))
