@@ -17,7 +17,7 @@ from rm_scale.data.batching import rank_balance
 from rm_scale.data.collate import computed_tokens
 from rm_scale.data.formats import detect_format, tokenize_canonical
 from rm_scale.data.sources import BadRow, parse_sources
-from rm_scale.data.stream import PairStream, StreamConfig, canonical_pairs
+from rm_scale.data.stream import PairStream, StreamConfig, canonical_pairs, packs_shared_prefix
 from rm_scale.model.reward import ensure_pad_token
 
 
@@ -163,7 +163,7 @@ def run_inspect(paths: Sequence[str], *, model: str, world_size: int, pairs_per_
     sources = [s for spec in paths for s in parse_sources(spec)]
     config = StreamConfig(sources=sources, pairs_per_batch=pairs_per_batch, max_length=max_length,
                           batching=batching, token_budget=token_budget, strict=strict,
-                          shared_prefix=batching == "packed" and shared_prefix is not False)
+                          shared_prefix=packs_shared_prefix(batching, shared_prefix))
     report = inspect(config, tokenizer, world_size=world_size)
     report["samples"] = sample_pairs(config, tokenizer, count=show)
     if as_json:

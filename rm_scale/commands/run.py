@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from rm_scale.commands.recipe import DataSpec, resolve_data, resolve_model
 from rm_scale.config import RewardConfig
 from rm_scale.data.sources import Source, resolve_files
-from rm_scale.data.stream import PairFiles, materialize_pairs, require_pairs, stream_config
+from rm_scale.data.stream import PairFiles, eval_stream_config, materialize_pairs, require_pairs, stream_config
 from rm_scale.distributed import shutdown
 from rm_scale.model.reward import REWARD_STATS_FILE, ensure_pad_token, load_reward_model, set_reward_stats
 from rm_scale.train import checkpoint as ckpt
@@ -142,16 +142,12 @@ def _data(data: DataSpec, args: RewardConfig, tokenizer: Any) -> tuple[Any, Any,
         report["train"] = dataclasses.asdict(stats)
     if data.eval is None:
         return train, None, report
+    held_out = data.eval == "split"
+    evaluation = PairFiles(data.train if held_out else data.eval, held_out=held_out)
     if data.streaming:  # each rank streams its shard of the evaluation pairs too: nothing is materialised
-        held_out = data.eval == "split"
-        split = {"split": "eval"} if held_out else {"split": "train", "eval_fraction": 0.0}
-        require_pairs(stream_config(data.train if held_out else data.eval, args, **split), tokenizer)
-        return train, PairFiles(data.train if held_out else data.eval, held_out=held_out), report
-    if data.eval == "split":
-        config = stream_config(data.train, args, split="eval")
-    else:
-        config = stream_config(data.eval, args, split="train", eval_fraction=0.0)
-    evaluation, stats = materialize_pairs(config, tokenizer)
+        require_pairs(eval_stream_config(evaluation, args), tokenizer)
+        return train, evaluation, report
+    evaluation, stats = materialize_pairs(eval_stream_config(evaluation, args), tokenizer)
     report["eval"] = dataclasses.asdict(stats)
     return train, evaluation, report
 

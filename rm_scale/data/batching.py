@@ -70,9 +70,9 @@ def make_batches(pairs: list[dict[str, Any]], *, batching: str, pairs_per_batch:
     if batching == "fixed":
         return [pairs[i : i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
     if batching == "packed":
-        size = group_length if shared_prefix else _pair_tokens
-        batches = _packed_batches(pairs, pairs_per_batch=pairs_per_batch, token_budget=token_budget, size=size)
-        batches.sort(key=lambda batch: sum(map(size, batch)))  # stable
+        sized = _packed_batches(pairs, pairs_per_batch=pairs_per_batch, token_budget=token_budget,
+                                size=group_length if shared_prefix else _pair_tokens)
+        batches = [batch for _, batch in sorted(sized, key=lambda x: x[0])]  # by tokens; stable
     else:
         batches = _grouped_batches(pairs, pairs_per_batch=pairs_per_batch,
                                    token_budget=token_budget if batching == "token_budget" else None)
@@ -84,20 +84,20 @@ def _pair_tokens(pair: dict[str, Any]) -> int:
 
 
 def _packed_batches(pairs: list[dict[str, Any]], *, pairs_per_batch: int, token_budget: int | None,
-                    size: Any) -> list[list[Any]]:
+                    size: Any) -> list[tuple[int, list[Any]]]:
     """No padding to share: fill each micro-batch up to ``pairs_per_batch`` pairs and ``token_budget`` tokens
-    (``size(pair)`` each)."""
-    batches: list[list[Any]] = []
+    (``size(pair)`` each). Returns (tokens, micro-batch) pairs."""
+    batches: list[tuple[int, list[Any]]] = []
     current: list[Any] = []
     used = 0
     for pair in pairs:
-        size_ = size(pair)
-        if current and (len(current) >= pairs_per_batch or used + size_ > token_budget):
-            batches.append(current)
+        n = size(pair)
+        if current and (len(current) >= pairs_per_batch or used + n > token_budget):
+            batches.append((used, current))
             current, used = [], 0
         current.append(pair)
-        used += size_
-    return batches + ([current] if current else [])
+        used += n
+    return batches + ([(used, current)] if current else [])
 
 
 def _grouped_batches(pairs: list[dict[str, Any]], *, pairs_per_batch: int, token_budget: int | None) -> list[list[Any]]:

@@ -92,11 +92,23 @@ def stream_config(sources: Sequence[Any], args: Any, **overrides: Any) -> Stream
         eval_fraction=args.eval_fraction,
         strict=args.strict_data,
         truncation=args.truncation,
-        # None (not resolved by a trainer, e.g. inspect-data): what the trainer picks for an sdpa decoder model
-        shared_prefix=args.batching == "packed" and getattr(args, "shared_prefix", None) is not False,
+        shared_prefix=packs_shared_prefix(args.batching, getattr(args, "shared_prefix", None)),
     )
     fields.update(overrides)
     return StreamConfig(**fields)
+
+
+def packs_shared_prefix(batching: str, shared_prefix: bool | None) -> bool:
+    """Whether packed batches share each pair's prefix. None (not resolved by a trainer, e.g. inspect-data): what the
+    trainer picks for a decoder model on sdpa attention."""
+    return batching == "packed" and shared_prefix is not False
+
+
+def eval_stream_config(files: PairFiles, args: Any, **overrides: Any) -> StreamConfig:
+    """The StreamConfig of an evaluation set: the pairs that `eval_fraction` holds out of ``files`` (``held_out``),
+    else every pair of them."""
+    split = {"split": "eval"} if files.held_out else {"split": "train", "eval_fraction": 0.0}
+    return stream_config(files.files, args, **split, **overrides)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from transformers.trainer_utils import EvalPrediction
 
 from rm_scale.distributed import all_reduce_max, all_reduce_sum
-from rm_scale.loss import PairLossSums, correct_pairs
+from rm_scale.loss import PairLossSums, bradley_terry_sums, correct_pairs, total_loss
 
 # Training reward histogram: fixed bins (so counts from ranks and steps simply add), plus under- and overflow.
 HIST_EDGES = [x / 2 for x in range(-16, 17)]  # -8.0 .. 8.0 by 0.5
@@ -60,15 +60,20 @@ def pair_set_metrics(rewards: np.ndarray, margin: np.ndarray, subsets: list[str 
     (the mean per-pair loss), accuracy, margin, reward statistics, per-subset accuracy and ``<prefix>_pairs``."""
     if rewards.shape[0] == 0:
         raise ValueError("The evaluation files hold no usable pair (every row was skipped): see data_report.json.")
-    chosen, rejected = rewards[:, 0], rewards[:, 1]
-    loss = float(-torch.nn.functional.logsigmoid(torch.from_numpy(chosen - rejected - margin)).mean())
-    if center_coef:
-        loss += center_coef * float(((chosen + rejected) ** 2).mean())
+    chosen, rejected = torch.from_numpy(rewards[:, 0]), torch.from_numpy(rewards[:, 1])
+    sums = bradley_terry_sums(chosen, rejected, margin=torch.from_numpy(margin))
+    loss = float(total_loss(sums, num_pairs=sums.num_pairs, center_coef=center_coef))
     out = {f"{prefix}_loss": loss, f"{prefix}_pairs": float(rewards.shape[0])}
     out.update({f"{prefix}_{k}": v for k, v in compute_reward_metrics(EvalPrediction(rewards, None)).items()})
+    return {**out, **_accuracy_by_subset(rewards, subsets, prefix)}
+
+
+def _accuracy_by_subset(rewards: np.ndarray, subsets: list[Any], prefix: str) -> dict[str, float]:
+    """`<prefix>_accuracy_<subset>` over the rows of ``rewards[:, (chosen, rejected)]`` of each subset."""
+    out = {}
     for name in sorted({s for s in subsets if s is not None}):
-        index = [i for i, s in enumerate(subsets) if s == name]
-        out[f"{prefix}_accuracy_{name}"] = pairwise_accuracy(chosen[index], rejected[index])
+        rows = [i for i, s in enumerate(subsets) if s == name]
+        out[f"{prefix}_accuracy_{name}"] = pairwise_accuracy(rewards[rows, 0], rewards[rows, 1])
     return out
 
 
@@ -80,12 +85,7 @@ def subset_accuracy(ev: EvalRewards) -> dict[str, float]:
     subsets = ev.dataset["subset"]
     if len(subsets) != len(ev.rewards):
         return {}
-    preds = np.asarray(ev.rewards, dtype=np.float64)
-    out = {}
-    for name in sorted({s for s in subsets if s is not None}):
-        rows = [i for i, s in enumerate(subsets) if s == name]
-        out[f"{ev.prefix}_accuracy_{name}"] = pairwise_accuracy(preds[rows, 0], preds[rows, 1])
-    return out
+    return _accuracy_by_subset(np.asarray(ev.rewards, dtype=np.float64), subsets, ev.prefix)
 
 
 def histogram(values: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ class TrainMetrics:
             sums.bt.detach().float(), sums.center.detach().float(), sums.correct.float(), sums.margin.float(),
             chosen.sum(), (chosen**2).sum(), rejected.sum(), (rejected**2).sum(),
             tokens[0].float().to(chosen.device), tokens[1].float().to(chosen.device),
-            tokens[2 if tokens.numel() > 2 else 0].float().to(chosen.device),
+            tokens[2].float().to(chosen.device),
         ])
         step = torch.cat([step, histogram(chosen), histogram(rejected)])
         self._sums = step if self._sums is None else self._sums + step

@@ -81,7 +81,8 @@ class PreemptionCallback(TrainerCallback):
         self.agreed: set[int] = set()  # signals some rank got, as agreed at the step where training stopped
         self.stop_step: int | None = None
         self._previous: dict[int, Any] = {}
-        self._watching: threading.Event | None = None  # set to stop the heartbeat thread
+        self._watching: threading.Event | None = None  # set to stop the watching thread
+        self._watcher: threading.Thread | None = None
         self._wakeup: tuple[int, int] = (-1, -1)  # (the previous wakeup fd, ours)
 
     # -- handlers -------------------------------------------------------------------------------------------------

@@ -28,8 +28,15 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from rm_scale.config import RewardConfig
 from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, padding_batch
 from rm_scale.data.formats import PRETOKENIZED, prepare_dataset
-from rm_scale.data.stream import PairFiles, PairStream, StreamStats, require_pairs, stream_config
-from rm_scale.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
+from rm_scale.data.stream import (
+    PairFiles,
+    PairStream,
+    StreamStats,
+    eval_stream_config,
+    require_pairs,
+    stream_config,
+)
+from rm_scale.distributed import all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.card import write_model_card
@@ -297,16 +304,15 @@ class RewardTrainer(Trainer):
     def stream_report(self, *, evaluation: bool = False) -> list[dict[str, Any]] | None:
         """Each rank's stream counts (pairs, drops by reason, real and padded tokens) of the training stream, or of
         the latest pass of a streamed evaluation set. Collective: call on every rank."""
-        streamed_eval = isinstance(self.eval_dataset, StreamedEvalSet)
-        if (self._stream is None and not evaluation) or (evaluation and not streamed_eval):
-            return None
-        from accelerate.utils import gather_object  # lazy: only streamed runs report per rank
-
         if evaluation:
+            if not isinstance(self.eval_dataset, StreamedEvalSet):
+                return None
             mine = dataclasses.asdict(self.eval_dataset.stream.stats)
+        elif self._stream is None:
+            return None
         else:
             mine = (self._data_state or {}).get("stats", {})
-        return gather_object([mine]) if self.args.world_size > 1 else [mine]
+        return all_gather_objects(mine)
 
     # ---- train, resume, checkpoints -----------------------------------------------------------------------------
 
@@ -702,8 +708,7 @@ def _setup_eval_data(dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
 
 def _one_eval_set(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:
     if isinstance(dataset, PairFiles):  # streamed: each rank its shard, every pair counted once
-        split = {"split": "eval"} if dataset.held_out else {"split": "train", "eval_fraction": 0.0}
-        config = stream_config(dataset.files, args, pairs_per_batch=args.per_device_eval_batch_size, **split)
+        config = eval_stream_config(dataset, args, pairs_per_batch=args.per_device_eval_batch_size)
         return StreamedEvalSet(PairStream(config, tokenizer, rank=args.process_index, world_size=args.world_size))
     return _tokenize(dataset, tokenizer, args, name)
 
