@@ -1,6 +1,17 @@
 import pytest
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer folder built from a config (tests/tiny.py), one per test module."""
+    try:
+        from tiny import make_tiny_model_dir
+    except ImportError:  # tests/ became a package
+        from tests.tiny import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A started real single-host Slurm cluster (munged + slurmctld + slurmd n1, n2); stopped after the session.

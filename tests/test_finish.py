@@ -21,12 +21,6 @@ from rm_scale import RewardConfig, RewardTrainer
 from rm_scale.commands.recipe import load_preference_files
 from rm_scale.data import PairFiles
 from rm_scale.model import load_reward_model
-from tiny import make_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def _args(out, **kw):

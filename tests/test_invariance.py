@@ -31,23 +31,6 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
             assert abs(got[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-4 * max(1.0, ref[step]["grad_norm"])
 
 
-def _sequences(batch, side):
-    """The unpadded token ids of one side of every pair of a padded or a packed micro-batch."""
-    if "packed_groups" in batch:  # shared-prefix groups: the prefix, then this side's own tokens
-        ids = batch["packed_input_ids"]
-        return [ids[row, start:prefix_end].tolist() + ids[row, own : col + 1].tolist()
-                for (row, col), (start, prefix_end, own) in zip(batch[f"{side}_index"].tolist(),
-                                                                batch[f"{side}_span"].tolist())]
-    if "packed_input_ids" in batch:
-        out = []
-        for row, col in batch[f"{side}_index"].tolist():
-            length = int(batch["packed_position_ids"][row, col]) + 1
-            out.append(batch["packed_input_ids"][row, col - length + 1 : col + 1].tolist())
-        return out
-    masks = batch[f"attention_mask_{side}"].bool()
-    return [ids[mask].tolist() for ids, mask in zip(batch[f"input_ids_{side}"], masks)]
-
-
 @pytest.mark.parametrize("batching", ["token_budget", "packed", "packed_shared_prefix"])
 def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching):
     """Token-budget (or packed, or packed with each pair's prefix computed once) batches give the ranks micro-batches
@@ -58,6 +41,7 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching)
     from transformers import AutoTokenizer
 
     from rm_scale.data.stream import PairStream, StreamConfig
+    from rm_scale.train.stream_eval import pair_ids
 
     shared = batching == "packed_shared_prefix"
     batching = "packed" if shared else batching
@@ -79,10 +63,9 @@ def test_uneven_micro_batches_on_two_ranks_match_one_process(tmp_path, batching)
     for rank in range(2):
         batches = iter(PairStream(StreamConfig(**stream_cfg), tok, rank=rank, world_size=2))
         for _ in range(4):  # GAS 4
-            batch = next(batches)
-            chosen, rejected = _sequences(batch, "chosen"), _sequences(batch, "rejected")
-            sizes.append(len(chosen))
-            for c, r in zip(chosen, rejected):
+            pairs = pair_ids(next(batches))
+            sizes.append(len(pairs))
+            for c, r in ((p["input_ids_chosen"], p["input_ids_rejected"]) for p in pairs):
                 rows.append({"input_ids_chosen": c, "attention_mask_chosen": [1] * len(c),
                              "input_ids_rejected": r, "attention_mask_rejected": [1] * len(r)})
     assert len(set(sizes)) > 1, sizes  # the micro-batches really are uneven

@@ -4,12 +4,6 @@ from transformers import AutoModelForSequenceClassification
 
 from rm_scale.data import RewardDataCollatorWithPadding
 from rm_scale.model import forward_rewards, init_score_head, last_real_index, load_reward_model, score_head
-from tiny import make_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

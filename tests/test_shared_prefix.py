@@ -118,13 +118,6 @@ def test_shared_prefix_with_lora_equals_the_stock_forward():
         assert torch.allclose(got_grads[name], g, atol=1e-5), name
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tiny import make_tiny_model_dir
-
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
 def test_a_streamed_packed_run_trains_the_same_with_and_without_sharing(tiny_dir, tmp_path):
     """The same pairs in the same micro-batches (pairs_per_batch binds, not the budget): equal per-step losses and
     final parameters; sharing computes fewer tokens; the saved model is a plain HF model."""

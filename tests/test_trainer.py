@@ -10,12 +10,6 @@ from transformers import AutoTokenizer
 from rm_scale import RewardConfig, RewardTrainer
 from rm_scale.model import load_reward_model, score_head
 from rm_scale.commands.recipe import load_preference_files
-from tiny import make_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

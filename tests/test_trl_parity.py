@@ -14,15 +14,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import rm_scale
 from rm_scale.commands.recipe import load_preference_files
-from tiny import make_tiny_model_dir
 
 # Differences kept on purpose (README, "Differences from TRL"): resolved values, not field defaults.
 RESOLVED_DIFFERENTLY = {"dataloader_pin_memory"}  # nothing to pin without a GPU: False there, True with one
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
