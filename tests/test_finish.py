@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from launch import ROOT, env, launch_config, metrics, run_train, start_train, tiny_ds_config, tiny_recipe
+from launch import ROOT, env, launch_config, metrics, run_train, start_train, tiny_ds_config, tiny_recipe, worker_pids
 from rm_scale import RewardConfig, RewardTrainer
 from rm_scale.commands.recipe import load_preference_files
 from rm_scale.data import PairFiles
@@ -120,8 +120,9 @@ def test_zero3_resume_at_an_epoch_end_and_of_a_finished_run(setup):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
         assert (resumed / "final.partial").is_dir() and not (resumed / "final").exists()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+    finally:  # the workers too: torchrun starts each in a session of its own, out of the launcher's group
+        for pid in [*worker_pids(proc).values(), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
     proc = run_train(recipe, ["--output_dir", str(resumed), *common, "--resume_from_checkpoint", "auto"], launch=launch)
     assert "already finished" in proc.stderr
