@@ -28,6 +28,8 @@ class Contender:
     kind: str  # "trl" | "rm_scale" | "bare" (bench.worker)
     ranks: int  # 1: a plain process; 2: accelerate launch, ZeRO-3 over gloo
     batching: str = "fixed"  # rm_scale's stream batching; TRL always pads fixed-size random batches
+    shared_prefix: bool = True  # packed only: each pair's common prefix computed once (rm_scale's default)
+    pairs_per_device: int | None = None  # None: the mode's (Settings.pairs_per_device)
 
 
 CONTENDERS = (
@@ -44,6 +46,19 @@ CONTENDERS = (
     Contender("bare-fixed-1p", "bare", 1, "fixed"),  # TRL-style batches (fixed, random order) = rm_scale-fixed-1p's
 )
 
+# `--real`: the pretrained SmolLM2-135M-Instruct (30 layers), packed with and without the shared prefix next to TRL;
+# 4 pairs per device under ZeRO-3, and 8 (where TRL's out-of-memory on a 24 GB machine is the result, reported as such).
+REAL_CONTENDERS = (
+    Contender("trl-1p", "trl", 1),
+    Contender("rm_scale-packed-unshared-1p", "rm_scale", 1, "packed", shared_prefix=False),
+    Contender("rm_scale-packed-1p", "rm_scale", 1, "packed"),
+    Contender("trl-z3x2", "trl", 2, pairs_per_device=4),
+    Contender("rm_scale-packed-unshared-z3x2", "rm_scale", 2, "packed", shared_prefix=False, pairs_per_device=4),
+    Contender("rm_scale-packed-z3x2", "rm_scale", 2, "packed", pairs_per_device=4),
+    Contender("trl-z3x2-8pd", "trl", 2, pairs_per_device=8),
+    Contender("rm_scale-packed-z3x2-8pd", "rm_scale", 2, "packed", pairs_per_device=8),
+)
+
 
 @dataclass
 class Settings:
@@ -53,7 +68,7 @@ class Settings:
     steps: int
     warmup: int  # steps measured from this index on (0-based); earlier ones are start-up
     repeats: int
-    model: str  # "BENCH" | "SMOKE" (bench.model)
+    model: str  # "BENCH" | "SMOKE" | "GPU" (bench.model sizes) | "REAL" (the pretrained SmolLM2-135M-Instruct)
     max_length: int = 512
     pairs_per_device: int = 8
     lr: float = 1e-5
@@ -76,6 +91,11 @@ class Settings:
     # bench model's hidden 256, i.e. 30 all-gathers and 38 reduce-scatters per step of a 5M-parameter model, a per-call
     # overhead no real model has (hidden 4096: 16.7M-element buckets). See docs/benchmarks.md.
     zero3: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(ZERO3_BENCH_DEFAULTS))
+    # transformers' default optimizer (torch >= 2.8): every contender alike; the bare loop uses the same fused kernel
+    optim: str = "adamw_torch_fused"
+    # CPU threads per rank: 1 (every rank one core: 1-process and 2-rank runs compare per core), or "cores" (the
+    # machine's cores split over the ranks: what a user of a 1-process run gets; `--real`)
+    threads: str = "1"
 
 
 ZERO3_BENCH_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
@@ -85,6 +105,8 @@ MODES = {
     "quick": dict(steps=10, warmup=3, repeats=1, model="BENCH"),
     "smoke": dict(steps=4, warmup=1, repeats=1, model="SMOKE", max_length=128, group=True, memory=False,
                   pipeline_batches=20, max_pairs=256, block_size=64),
+    # The pretrained SmolLM2-135M-Instruct, fp32 (#14): >= 20 measured steps x 2 repeats, alternating
+    "real": dict(steps=24, warmup=4, repeats=2, model="REAL", memory=False, threads="cores"),
     # A ~0.5B Llama in bf16 on GPUs: 16 pairs per device (a packed micro-batch holds up to 2 x 16 x 512 tokens), one
     # background data worker per rank, the 1-process contenders in one process. ZeRO-3 contenders run when the machine
     # has 2 GPUs or more; the ZeRO-3 memory measurement is the CPU run's (it counts bytes, not speed).
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="10 steps, 1 repeat (make bench-quick)")
     mode.add_argument("--smoke", action="store_true", help="a tiny model, 4 steps, grouped processes (CI)")
+    mode.add_argument("--real", action="store_true",
+                      help="the pretrained SmolLM2-135M-Instruct, TRL vs packed with and without shared prefix")
     mode.add_argument("--gpu", action="store_true",
                       help="a ~0.5B Llama in bf16 on CUDA, MFU next to TRL's (make bench-gpu)")
     parser.add_argument("--out", default=str(ROOT / "bench_results"), help="where results.{json,md,png} go")
@@ -144,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: skipped: {data} not found. The benchmark needs the hh-rlhf pairs of ../shared/data "
               "(see ../shared/data/README.md).")
         return 0
-    name = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
+    name = ("smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "real" if args.real
+            else "full")
     settings = Settings(mode=name, **MODES[name])
     if settings.device == "cuda":
         gpus = _cuda_devices()
@@ -165,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             setattr(settings, key, getattr(args, key))
     if not 0 < settings.warmup < settings.steps:
         raise SystemExit(f"need 0 < warmup ({settings.warmup}) < steps ({settings.steps})")
-    contenders = CONTENDERS
+    known = REAL_CONTENDERS if name == "real" else CONTENDERS
+    contenders = known
     if settings.device == "cuda" and len(_cuda_devices()) < 2:
         contenders = tuple(c for c in contenders if c.ranks == 1)  # 2-rank ZeRO-3 needs a GPU per rank
     if args.only:
         wanted = set(args.only.split(","))
-        contenders = tuple(c for c in CONTENDERS if c.name in wanted)
+        contenders = tuple(c for c in known if c.name in wanted)
         if unknown := wanted - {c.name for c in contenders}:
-            raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {[c.name for c in CONTENDERS]}")
+            raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {[c.name for c in known]}")
 
     from bench import report
 
@@ -219,16 +245,23 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
         from rm_scale.model.pretrained import smollm2_path
 
         tokenizer = smollm2_path()
-    model_dir = work / "model"
-    size = getattr(bench_model, settings.model)
-    model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer, seed=settings.seed)
+    if settings.model == "REAL":
+        from rm_scale.model.pretrained import smollm2_path
+
+        model_dir, vocab = smollm2_path(), None  # the whole vocabulary, no fold
+        model_info = bench_model.pretrained_info(model_dir)
+    else:
+        model_dir = work / "model"
+        size = getattr(bench_model, settings.model)
+        model_info = bench_model.build_model_dir(model_dir, size, tokenizer_dir=tokenizer, seed=settings.seed)
+        vocab = size.vocab
     launch = _launch_config(work, settings.zero3)
     if settings.max_pairs:
         data = _head(data, settings.max_pairs, work / "pairs.jsonl")
-    base = {"model_dir": str(model_dir), "data": str(data), "vocab": size.vocab, "steps": settings.steps,
+    base = {"model_dir": str(model_dir), "data": str(data), "vocab": vocab, "steps": settings.steps,
             "max_length": settings.max_length, "pairs_per_device": settings.pairs_per_device, "lr": settings.lr,
             "seed": settings.seed, "block_size": settings.block_size, "device": settings.device,
-            "bf16": settings.bf16, "dataloader_workers": settings.dataloader_workers}
+            "bf16": settings.bf16, "dataloader_workers": settings.dataloader_workers, "optim": settings.optim}
     results: dict[str, Any] = {
         "settings": dataclasses.asdict(settings), "model": model_info, "environment": _environment(settings),
         "contenders": {c.name: dataclasses.asdict(c) for c in contenders}, "runs": [], "errors": [],
@@ -240,12 +273,17 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
         for group in groups:
             specs = [{**base, "name": f"{c.name}.r{repeat}", "kind": c.kind, "batching": c.batching,
                       "token_budget": settings.packed_token_budget if c.batching == "packed" else None,
+                      "shared_prefix": c.batching == "packed" and c.shared_prefix,
+                      "pairs_per_device": c.pairs_per_device or settings.pairs_per_device,
                       "out_dir": str(work)} for c in group]
             run = _launch(specs, ranks=group[0].ranks, work=work, launch=launch, label=f"repeat {repeat}",
-                          device=settings.device)
+                          device=settings.device, threads=_threads(settings, group[0].ranks))
             for c, spec in zip(group, specs):
                 records = _rank_records(work, spec["name"], group[0].ranks)
                 entry = {"contender": c.name, "repeat": repeat, **run}
+                # torchrun reports a rank the kernel's OOM killer ended as "Signal 9 (SIGKILL)" / exit code -9
+                entry["killed"] = run["returncode"] != 0 and any(
+                    s in run["log_tail"] for s in ("SIGKILL", "exitcode  : -9", "Killed"))
                 if records:
                     entry.update(report.summarize_run(records, warmup=settings.warmup, model=model_info))
                 else:
@@ -319,8 +357,12 @@ def _zero3_memory(settings: Settings, base: dict[str, Any], work: Path, launch: 
 
 # ---- processes -----------------------------------------------------------------------------------------------------
 
-def _env(device: str = "cpu") -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+def _threads(settings: Settings, ranks: int) -> int:
+    return max(1, (os.cpu_count() or 1) // ranks) if settings.threads == "cores" else int(settings.threads)
+
+
+def _env(device: str = "cpu", threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
@@ -365,7 +407,7 @@ FAILED_LOGS: Path | None = None  # set by main: <out>/failed_logs
 
 
 def _launch(specs: list[dict[str, Any]], *, ranks: int, work: Path, launch: Path, label: str,
-            zero3_single: bool = False, device: str = "cpu") -> dict[str, Any]:
+            zero3_single: bool = False, device: str = "cpu", threads: int = 1) -> dict[str, Any]:
     """Run the worker on ``specs``: one plain process, or ``ranks`` processes through accelerate launch + ZeRO-3
     (``zero3_single``: also for one rank). Returns exit code, wall seconds and the load average around it."""
     spec_path = work / f"spec-{specs[0]['name']}.json"
@@ -380,7 +422,7 @@ def _launch(specs: list[dict[str, Any]], *, ranks: int, work: Path, launch: Path
     print(f"bench: [{label}] {names} ({ranks} rank{'s' if ranks > 1 else ''}) ...", flush=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(device), capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(device, threads), capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     if proc.returncode != 0:
@@ -410,7 +452,7 @@ def _environment(settings: Settings) -> dict[str, Any]:
         except PackageNotFoundError:
             versions[pkg] = None
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "versions": versions, "threads_per_rank": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "versions": versions, "threads_per_rank": settings.threads, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "gpus": _cuda_devices() if settings.device == "cuda" else [], "peak_tflops": settings.peak_tflops}
 
 

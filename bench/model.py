@@ -82,8 +82,27 @@ def model_flops(model: dict[str, Any], *, real_tokens: float, attention_square_t
             + 6.0 * model["layers"] * model["hidden"] * attention_square_tokens)
 
 
-def fold_vocab(model: Any, vocab: int) -> None:
-    """Make the embedding look up ``ids % vocab`` (see the module docstring)."""
+def pretrained_info(path: Path) -> dict[str, Any]:
+    """The description build_model_dir returns, for a pretrained folder (counted on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"name": path.name, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+            "intermediate": config.intermediate_size, "heads": config.num_attention_heads, "vocab": config.vocab_size,
+            "params": params, "embedding_params": embedding,
+            "matmul_params": sum(p.numel() for p in model.parameters() if p.dim() == 2) - embedding,
+            "tokenizer_vocab": len(AutoTokenizer.from_pretrained(path))}
+
+
+def fold_vocab(model: Any, vocab: int | None) -> None:
+    """Make the embedding look up ``ids % vocab`` (see the module docstring); None: the whole vocabulary, no fold."""
+    if vocab is None:
+        return
     from rm_scale.model import base_model
 
     inner = base_model(model)

@@ -161,18 +161,20 @@ class StepLog:
         self.cpu: list[float] = []  # process CPU seconds at each step end: robust to other load on the machine
         self.pairs: list[int] = []
         self.real: list[int] = []
+        self.placed: list[int] = []
         self.computed: list[int] = []
         self.attn: list[int] = []
         self.gathers: list[dict[str, Any]] = []
-        self._pending = [0, 0, 0, 0]
+        self._pending = [0, 0, 0, 0, 0]
 
-    def batch(self, *, pairs: int, real: Any, computed: int, attn: Any) -> None:
+    def batch(self, *, pairs: int, real: Any, computed: int, attn: Any, placed: Any = None) -> None:
         """Counts may be 0-d tensors on the device: they are read at the step's end, after its synchronize, so that
         counting adds no host sync inside the step."""
         self._pending[0] += pairs
         self._pending[1] += real
         self._pending[2] += computed
         self._pending[3] += attn
+        self._pending[4] += real if placed is None else placed
 
     def step_end(self) -> None:
         if self.sync:
@@ -185,13 +187,15 @@ class StepLog:
         self.real.append(int(self._pending[1]))
         self.computed.append(int(self._pending[2]))
         self.attn.append(int(self._pending[3]))
-        self._pending = [0, 0, 0, 0]
+        self.placed.append(int(self._pending[4]))
+        self._pending = [0, 0, 0, 0, 0]
         if self.counter is not None:
             self.gathers.append(self.counter.snapshot())
 
     def record(self) -> dict[str, Any]:
         return {"start": self.start, "cpu_start": self.cpu_start, "step_ends": self.ends, "step_cpu": self.cpu,
-                "pairs": self.pairs, "real_tokens": self.real, "computed_tokens": self.computed,
+                "pairs": self.pairs, "real_tokens": self.real, "placed_tokens": self.placed,
+                "computed_tokens": self.computed,
                 "attention_square_tokens": self.attn, "gathers": self.gathers}
 
     def begin(self) -> None:
@@ -223,7 +227,7 @@ def _common_args(spec: dict[str, Any]) -> dict[str, Any]:
         "max_steps": spec["steps"],
         "learning_rate": spec["lr"],
         "lr_scheduler_type": "constant",
-        "optim": "adamw_torch",
+        "optim": spec.get("optim", "adamw_torch"),
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "max_length": spec["max_length"],
@@ -290,8 +294,10 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
                 log.batch(**batch_counts(inputs))
             return super().compute_loss(model, inputs, *a, **k)
 
+    packed = spec["batching"] == "packed"
     args = RewardConfig(**_common_args(spec), batching=spec["batching"], token_budget=spec.get("token_budget"),
-                        stream_block_size=spec["block_size"], save_on_signal=False)
+                        stream_block_size=spec["block_size"], save_on_signal=False,
+                        shared_prefix=spec.get("shared_prefix", packed) if packed else None)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = load_reward_model(spec["model_dir"])  # after RewardConfig: loads partitioned under ZeRO-3
     fold_vocab(model, spec["vocab"])
@@ -303,9 +309,10 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
 
 
 def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
-    """Pairs, real tokens, computed tokens (the forward's input size) and the sum over sequences of length² (causal
-    attention's work grows with it) of a padded or a packed micro-batch. Real tokens and length² stay tensors (no
-    host sync when the batch is on a GPU); `StepLog` reads them at the step's end."""
+    """Pairs, real tokens (each side's whole length: what a trainer without sharing computes unpadded), placed tokens
+    (the non-pad tokens the forward computes: a shared prefix once), computed tokens (the forward's input size) and
+    the sum over sequences of length² (causal attention's work grows with it) of a padded or a packed micro-batch.
+    Token counts stay tensors (no host sync when the batch is on a GPU); `StepLog` reads them at the step's end."""
     import torch
 
     from rm_scale.data.collate import computed_tokens
@@ -314,11 +321,11 @@ def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
         index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
         pos = batch["packed_position_ids"]
         lengths = pos[index[:, 0].to(pos.device), index[:, 1].to(pos.device)] + 1  # last position + 1
-        return {"pairs": batch["chosen_index"].shape[0], "real": batch["packed_real_tokens"],
+        return {"pairs": batch["chosen_index"].shape[0], "real": lengths.sum(), "placed": batch["packed_real_tokens"],
                 "computed": computed_tokens(batch), "attn": (lengths * lengths).sum()}
     c, r = batch["attention_mask_chosen"], batch["attention_mask_rejected"]
     lengths = torch.cat([c.sum(dim=1), r.sum(dim=1)])
-    return {"pairs": c.shape[0], "real": lengths.sum(), "computed": computed_tokens(batch),
+    return {"pairs": c.shape[0], "real": lengths.sum(), "placed": lengths.sum(), "computed": computed_tokens(batch),
             "attn": (lengths * lengths).sum()}
 
 
@@ -331,7 +338,7 @@ def bare_batches(spec: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
     config = StreamConfig(sources=[spec["data"]], pairs_per_batch=spec["pairs_per_device"],
                           max_length=spec["max_length"], batching=spec["batching"],
                           token_budget=spec.get("token_budget"), block_size=spec["block_size"], seed=spec["seed"],
-                          shared_prefix=spec["batching"] == "packed")  # as rm_scale trains an sdpa model by default
+                          shared_prefix=spec.get("shared_prefix", spec["batching"] == "packed"))
     return list(itertools.islice(PairStream(config, tokenizer, rank=0, world_size=1), spec["steps"]))
 
 
@@ -362,7 +369,8 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
         use_sparse_last_layer(model)
         if spec["batching"] == "packed":
             use_packed_attention(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    fused = spec.get("optim") == "adamw_torch_fused"  # the kernel transformers picks for that name
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0, fused=fused or None)
     log = StepLog(counter, sync=device.type == "cuda")
     log.begin()
     for batch, counts in zip(batches, counted):
@@ -496,11 +504,13 @@ def zero3_state_bytes(engine: Any) -> dict[str, int]:
 
 def _load(spec: dict[str, Any]) -> Any:
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bench.model import fold_vocab
 
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
+    if model.config.pad_token_id is None:  # a causal-LM folder (the pretrained model): as rm_scale's loader sets it
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(spec["model_dir"]).pad_token_id
     fold_vocab(model, spec["vocab"])
     return model
 

@@ -76,7 +76,7 @@ def _layer(module: str) -> str:
         return "facade"
     if module in LEAVES or module == "rm_scale.config":
         return module.split(".")[1]
-    return module.split(".")[1]  # data, model, train, commands
+    return module.split(".")[1]  # data, model, scoring, train, commands
 
 
 def _allowed(src: str, dst: str) -> bool:
@@ -93,6 +93,8 @@ def _allowed(src: str, dst: str) -> bool:
         if target == "train":  # only the trainer imports its siblings; no sibling imports the trainer
             return src == "rm_scale.train.trainer" and dst != src
         return target in ("distributed", "loss", "dsconfig", "config", "data", "model")
+    if layer == "scoring":  # using a trained model: no training, no ranks
+        return target in ("scoring", "data", "model")
     if layer == "commands":
         return target != "facade"
     raise AssertionError(f"{src}: no layer")

@@ -1,8 +1,10 @@
-"""`rm-scale` command line: `train`, `eval`, `inspect-data`, `demo`.
+"""`rm-scale` command line: `train`, `eval`, `score`, `serve`, `inspect-data`, `demo`.
 
     rm-scale train --config recipe.yaml [--key value ...] [--dry-run]
     rm-scale train --model_name_or_path M --dataset_name D --output_dir O [...]   (TRL's `trl reward` flags)
     rm-scale eval --model outputs/run/final --data test.jsonl [--json]
+    rm-scale score --model outputs/run/final --data rollouts.jsonl --out scores.jsonl
+    rm-scale serve --model outputs/run/final [--port 8000]
     rm-scale inspect-data data/*.jsonl.gz --world-size 8 [--json]
     accelerate launch --config_file launch/zero3.yaml -m rm_scale train --config recipes/zero3.yaml
 """
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--plot", help="where to write the PNG (default: <model>/reward_eval.png)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.add_argument("--format", help="a data set preset for --data (README, 'Public data sets'), e.g. shp")
+    _score_parsers(sub)
     ins = sub.add_parser("inspect-data", help="what the trainer would see: format, kept/dropped pairs, per-rank "
                          "counts, lengths, padding efficiency")
     ins.add_argument("paths", nargs="*", help="preference files, globs, folders (or --config)")
@@ -88,6 +91,18 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
 
         return run_eval(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
                         as_json=args.json, plot_path=args.plot, dtype=args.dtype, data_format=args.format)
+    if args.command == "score":
+        from rm_scale.commands.score import run_score  # lazy: imports torch
+
+        return run_score(args.model, args.data, args.out, data_format=args.format, normalize=args.normalize,
+                         batch_tokens=args.batch_tokens, max_length=args.max_length, dtype=args.dtype)
+    if args.command == "serve":
+        from rm_scale.commands.serve import run_serve  # lazy: imports torch and uvicorn
+
+        return run_serve(args.model, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens,
+                         max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
+                         max_items=args.max_items, normalize=args.normalize, dtype=args.dtype,
+                         token_env=args.token_env)
     if args.command == "inspect-data":
         from rm_scale.commands.inspect_data import run_inspect  # lazy: imports torch
 
@@ -100,6 +115,32 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
     from rm_scale.commands.demo import run_demo  # lazy: the demo imports nothing heavy, but keep --help minimal
 
     return run_demo(output_dir=args.output_dir, num_processes=args.num_processes)
+
+
+def _score_parsers(sub: Any) -> None:
+    dtypes = ["float32", "bfloat16", "float16", "auto"]
+    sc = sub.add_parser("score", help="the reward of every row of files (sharded over ranks, resumable) to JSONL")
+    sc.add_argument("--model", required=True, help="a saved model folder (<output_dir>/final) or adapter folder")
+    sc.add_argument("--data", required=True, nargs="+", help="JSONL / JSON / parquet files or globs: rows with "
+                    "text, prompt + response, or preference pairs in any format training reads")
+    sc.add_argument("--out", required=True, help="the scores, one JSON line per row in input order")
+    sc.add_argument("--format", help="a data set preset for preference rows (README, 'Public data sets')")
+    sc.add_argument("--normalize", action="store_true", help="(reward - mean) / std from the model's final evaluation")
+    sc.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward")
+    sc.add_argument("--max-length", type=int, help="default: the model's (scoring.json); longer texts keep their end")
+    sc.add_argument("--dtype", default="float32", choices=dtypes)
+    sv = sub.add_parser("serve", help="an HTTP reward server (OpenRLHF's /get_reward, /score, /health)")
+    sv.add_argument("--model", required=True, help="a saved model folder (<output_dir>/final) or adapter folder")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward of batched requests")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch")
+    sv.add_argument("--max-request-bytes", type=int, help="larger requests get a 400 (default 8 MiB)")
+    sv.add_argument("--max-items", type=int, help="texts per request (default 4096)")
+    sv.add_argument("--normalize", action="store_true", help="(reward - mean) / std from the model's final evaluation")
+    sv.add_argument("--dtype", default="float32", choices=dtypes)
+    sv.add_argument("--token-env", default="RM_SCALE_SERVE_TOKEN",
+                    help="environment variable holding a bearer token to require (unset: no token)")
 
 
 def dry_run(recipe: dict[str, Any], *, launch_config: str | None = None) -> int:

@@ -32,36 +32,11 @@ from transformers.trainer_utils import EvalPrediction
 from rm_scale.data.collate import RewardDataCollatorWithPadding
 from rm_scale.data.sources import parse_sources
 from rm_scale.data.stream import StreamConfig, materialize_pairs
-from rm_scale.model.last_layer import use_sparse_last_layer
-from rm_scale.model.reward import base_model, ensure_pad_token, forward_rewards, read_reward_stats
+from rm_scale.model.reward import forward_rewards, read_reward_stats
+from rm_scale.scoring.scorer import load_scoring_model
 from rm_scale.train.metrics import compute_reward_metrics
 
 PLOT_NAME = "reward_eval.png"
-
-
-def load_scoring_model(model_dir: str, *, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
-    """The reward model in eval mode and its tokenizer, from a full model folder or a PEFT adapter folder."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-    tokenizer_dir = model_dir
-    if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
-        from peft import AutoPeftModelForSequenceClassification
-
-        model = AutoPeftModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype)
-        if not _has_tokenizer(model_dir):
-            tokenizer_dir = model.peft_config["default"].base_model_name_or_path
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ensure_pad_token(tokenizer)  # as RewardTrainer does
-    model.eval()
-    use_sparse_last_layer(base_model(model))  # only the read token of each sequence goes through the last layer
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
-
-
-def _has_tokenizer(model_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def score_pairs(model: torch.nn.Module, tokenizer: Any, data: Any, *, batch_size: int) -> np.ndarray:

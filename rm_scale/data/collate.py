@@ -112,11 +112,11 @@ def pack_groups(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: 
     forward (rm_scale.model.packed_attention) lets each side attend to the prefix and to its own earlier tokens only,
     so the prefix is computed once. ``packed_groups`` holds (row, start, prefix, chosen own, rejected own) per group
     (a row's padding tail is a group with no prefix and no rejected part); ``chosen_span`` / ``rejected_span`` the
-    keys of each read token: (group start, prefix end, own start)."""
+    keys of each read token: (group start, prefix end, own start). ``row_length`` None: all groups in one row."""
     items = [(i, p["input_ids_chosen"], p["input_ids_rejected"]) for i, p in enumerate(pairs)]
     shared = [shared_prefix_length(c, r) for _, c, r in items]
     sizes = {i: len(c) + len(r) - shared[i] for i, c, r in items}
-    rows, fill = _narrowest_rows([i for i, _, _ in items], row_length, sizes.__getitem__)
+    rows, fill = _narrowest_rows([i for i, _, _ in items], row_length or sum(sizes.values()), sizes.__getitem__)
     width = max(fill)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -149,6 +149,34 @@ def pack_groups(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: 
     if "margin" in pairs[0]:
         out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
     return out
+
+
+def pack_sequences(seqs: list[list[int]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:
+    """Single sequences laid end to end as `pack_pairs` lays a pair's sides (first fit, longest first, restarting
+    ``position_ids``); ``index`` holds the (row, column) of each sequence's last token, ``packed_groups`` each one as
+    a group without prefix or second part (what rm_scale.model.packed_attention computes as a plain sequence)."""
+    rows, fill = _narrowest_rows(list(range(len(seqs))), row_length, lambda i: len(seqs[i]))
+    width = max(fill)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    index = torch.zeros((len(seqs), 2), dtype=torch.long)
+    spans = torch.zeros((len(seqs), 3), dtype=torch.long)
+    groups = []
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            n = len(seqs[i])
+            ids[r, col : col + n] = torch.as_tensor(seqs[i], dtype=torch.long)
+            pos[r, col : col + n] = torch.arange(n)
+            index[i] = torch.tensor([r, col + n - 1])
+            spans[i] = torch.tensor([col, col, col])
+            groups.append((r, col, 0, n, 0))
+            col += n
+        if col < width:
+            pos[r, col:] = torch.arange(width - col)
+            groups.append((r, col, 0, width - col, 0))
+    return {"packed_input_ids": ids, "packed_position_ids": pos, "index": index, "spans": spans,
+            "packed_groups": torch.tensor(groups, dtype=torch.long), "packed_real_tokens": torch.tensor(sum(fill))}
 
 
 def _narrowest_rows(items: list[Any], row_length: int | None, size: Any) -> tuple[list[list[Any]], list[int]]:

@@ -63,13 +63,20 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
                             conversation_ids(prompt + list(row["rejected"]), tokenizer, **kwargs))
     elif fmt in ("prompt", "implicit_prompt"):
         prompt = row["prompt"] if fmt == "prompt" else ""
-        enc = tokenizer([prompt + row["chosen"], prompt + row["rejected"]], add_special_tokens=True)["input_ids"]
-        out = _pair_columns(_ensure_eos(enc[0], eos), _ensure_eos(enc[1], eos))
+        chosen, rejected = text_ids([prompt + row["chosen"], prompt + row["rejected"]], tokenizer)
+        out = _pair_columns(chosen, rejected)
     else:
         raise ValueError(f"Unknown preference format {fmt!r}.")
     if "margin" in row and row["margin"] is not None:
         out["margin"] = float(row["margin"])
     return out
+
+
+def text_ids(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of whole texts (prompt and response joined as given, as TRL joins them): the tokenizer's special
+    tokens, and an EOS at the end when the text does not end with one."""
+    encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    return [_ensure_eos(list(ids), tokenizer.eos_token_id) for ids in encoded]
 
 
 PLAIN_SEPARATOR = "\n\n"  # between the turns of a conversation when the tokenizer has no chat template

@@ -237,8 +237,13 @@ class PairStream(torch.utils.data.IterableDataset):
                 if k < skip:
                     continue
                 if self.config.batching == "packed":
-                    pack = pack_groups if self.config.shared_prefix else pack_pairs
-                    out = pack(batch, row_length=self.config.max_length, pad_id=self.tokenizer.pad_token_id)
+                    # Shared-prefix groups run on the packed attention (per segment), where a row's width costs
+                    # nothing: all of them in one row, no tail padding. Plain packed rows may meet the stock sdpa,
+                    # whose block-diagonal mask is quadratic in the row: at most max_length wide.
+                    if self.config.shared_prefix:
+                        out = pack_groups(batch, row_length=None, pad_id=self.tokenizer.pad_token_id)
+                    else:
+                        out = pack_pairs(batch, row_length=self.config.max_length, pad_id=self.tokenizer.pad_token_id)
                     real = int(out["packed_real_tokens"])
                 else:
                     out = self.collator(batch)

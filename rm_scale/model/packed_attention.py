@@ -23,6 +23,9 @@ separate sequences.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -115,13 +118,33 @@ def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: tuple[i
     return [first, second]
 
 
+# Set while a forward carries packed_segments: the attention then ignores the mask, so transformers need not build the
+# row's block-diagonal one from the restarting position_ids (width² booleans per forward: 268 MB for a 16k-token row).
+_SEGMENTS_GIVEN = contextvars.ContextVar("rm_scale_packed_segments_given", default=False)
+
+
+@contextlib.contextmanager
+def segments_given() -> Iterator[None]:
+    token = _SEGMENTS_GIVEN.set(True)
+    try:
+        yield
+    finally:
+        _SEGMENTS_GIVEN.reset(token)
+
+
+def _packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _SEGMENTS_GIVEN.get() else sdpa_mask(*args, **kwargs)
+
+
 def register() -> str:
     """Register the implementation with transformers (idempotent); returns its name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, packed_sdpa_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, _packed_mask)
     return NAME
 
 

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from rm_scale.model.last_layer import uses_sparse_last_layer
-from rm_scale.model.packed_attention import segments_from_groups, segments_from_position_ids, uses_packed_attention
+from rm_scale.model.packed_attention import (
+    segments_given,
+    segments_from_groups,
+    segments_from_position_ids,
+    uses_packed_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +116,8 @@ def forward_packed_rewards(
             spans = torch.stack([starts, starts, starts], dim=1)
         spans = spans.to(input_ids.device)
         extra["reward_positions"] = (rows, cols, spans[:, 0], spans[:, 1], spans[:, 2])
-    with _capture_output(score_head(model)) as cap:
+    given = segments_given() if "packed_segments" in extra else contextlib.nullcontext()
+    with _capture_output(score_head(model)) as cap, given:
         model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     per_token = cap.get("out")
     if per_token is None or per_token.dim() != 3 or per_token.shape[1] != input_ids.shape[1]:

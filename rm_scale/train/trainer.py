@@ -5,7 +5,8 @@ concatenated (under ZeRO-3 every forward all-gathers every parameter: two forwar
 divides the loss once by the number of pairs in the whole optimizer step, counted across micro-batches and ranks.
 
 transformers hooks it relies on (tests/test_trainer.py fails if transformers stops calling them): `get_batch_samples`
-(the step's pair count), `_save_checkpoint` (atomic commit), `_save_rng_state` (each rank's data position).
+(the step's pair count), `_save_checkpoint` (atomic commit), `_save_rng_state` (each rank's data position), `_save`
+(the scoring contract beside the weights).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from rm_scale.distributed import all_gather_objects, all_gather_rows, all_reduce
 from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.card import write_model_card
+from rm_scale.model.contract import scoring_contract, write_contract
 from rm_scale.model.lora import add_lora
 from rm_scale.model.packed_attention import use_packed_attention
 from rm_scale.model.tokenizer import configure_tokenizer
@@ -455,6 +457,17 @@ class RewardTrainer(Trainer):
             })
             ckpt.rotate(run_dir, limit, keep=[folder, self.state.best_model_checkpoint])
         ckpt.hold_point(f"checkpoint-{self.state.global_step}:committed")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """transformers' save of the model and tokenizer, plus the scoring contract (rm_scale.model.contract): how
+        this model's rewards are read, for every scorer of the folder (full model or adapter, checkpoint or final)."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            config = base_model(self.model).config
+            stats = {k: v for k, v in vars(config).items() if k.startswith("rm_scale_")}
+            write_contract(output_dir or self.args.output_dir, scoring_contract(
+                self.processing_class, max_length=self.args.max_length, truncation=self.args.truncation,
+                reward_stats=stats))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
