@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from launch import ROOT, run_train, tiny_recipe
+from launch import ROOT
 from rm_scale.model.contract import CONTRACT_FILE, read_contract, template_hash
 from rm_scale.scoring import RewardScorer
 
@@ -22,13 +22,8 @@ DEMO_EVAL = ROOT / "rm_scale" / "data" / "demo_data" / "eval.jsonl"
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scoring")
-    recipe, _ = tiny_recipe(tmp, data={"train": ["rm_scale:demo/train"], "eval": ["rm_scale:demo/eval"]},
-                            max_steps=4, learning_rate=2e-3, per_device_train_batch_size=8, max_length=64)
-    out = tmp / "run"
-    run_train(recipe, ["--output_dir", str(out)])
-    return out / "final"
+def export(trained_export):
+    return trained_export
 
 
 def _texts():

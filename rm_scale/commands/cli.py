@@ -95,7 +95,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         from rm_scale.commands.score import run_score  # lazy: imports torch
 
         return run_score(args.model, args.data, args.out, data_format=args.format, normalize=args.normalize,
-                         batch_tokens=args.batch_tokens, max_length=args.max_length, dtype=args.dtype)
+                         batch_tokens=args.batch_tokens, max_length=args.max_length, dtype=args.dtype,
+                         rows_per_batch=args.rows_per_batch)
     if args.command == "serve":
         from rm_scale.commands.serve import run_serve  # lazy: imports torch and uvicorn
 
@@ -129,6 +130,7 @@ def _score_parsers(sub: Any) -> None:
     sc.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward")
     sc.add_argument("--max-length", type=int, help="default: the model's (scoring.json); longer texts keep their end")
     sc.add_argument("--dtype", default="float32", choices=dtypes)
+    sc.add_argument("--rows-per-batch", type=int, default=256, help="rows scored and written (flushed) together")
     sv = sub.add_parser("serve", help="an HTTP reward server (OpenRLHF's /get_reward, /score, /health)")
     sv.add_argument("--model", required=True, help="a saved model folder (<output_dir>/final) or adapter folder")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")

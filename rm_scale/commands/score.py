@@ -32,6 +32,7 @@ from rm_scale.data.pairs import to_pairs
 from rm_scale.data.sources import BadRow, Source, iter_records, record_row, record_where, resolve_files
 from rm_scale.distributed import all_gather_objects, init_gloo_group, shutdown
 from rm_scale.scoring import RewardScorer
+from rm_scale.train.checkpoint import hold_point
 
 ROWS_PER_BATCH = 256
 EXAMPLES_PER_REASON = 5
@@ -39,7 +40,7 @@ EXAMPLES_PER_REASON = 5
 
 def run_score(model: str, data: Sequence[str], out: str, *, data_format: str | None = None, normalize: bool = False,
               batch_tokens: int = 16384, max_length: int | None = None, dtype: str = "float32",
-              progress: bool = True) -> int:
+              rows_per_batch: int = ROWS_PER_BATCH, progress: bool = True) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     files = resolve_files(list(data))  # ValueError names a missing path
     out_path = Path(out)
@@ -57,7 +58,7 @@ def run_score(model: str, data: Sequence[str], out: str, *, data_format: str | N
                           device=device)
     mapping = Source(paths=list(data), format=data_format).mapping
     report = _score_shard(scorer, files, parts / f"rank{rank}.jsonl", mapping=mapping, done=done, rank=rank,
-                          world=world, progress=progress and rank == 0)
+                          world=world, progress=progress and rank == 0, rows_per_batch=rows_per_batch)
     reports = all_gather_objects(report) if world > 1 else [report]  # also the barrier before the merge
     if rank == 0:
         merged = _merge(files, parts, out_path)
@@ -122,7 +123,8 @@ class ShardReport:
 
 
 def _score_shard(scorer: RewardScorer, files: list[str], part: Path, *, mapping: RowMapping,
-                 done: set[tuple[str, int]], rank: int, world: int, progress: bool) -> dict[str, Any]:
+                 done: set[tuple[str, int]], rank: int, world: int, progress: bool,
+                 rows_per_batch: int) -> dict[str, Any]:
     from tqdm.auto import tqdm  # lazy: with the scorer's imports (transformers brings tqdm)
 
     report = ShardReport()
@@ -136,9 +138,10 @@ def _score_shard(scorer: RewardScorer, files: list[str], part: Path, *, mapping:
             item = _row_item(record, mapping, scorer, report)
             if item is not None:
                 batch.append(item)
-            if len(batch) >= ROWS_PER_BATCH:
+            if len(batch) >= rows_per_batch:
                 _write(f, _score_batch(scorer, batch), report, bar)
                 batch = []
+                hold_point(f"score:rows-{report.scored}")  # tests kill here (RM_SCALE_HOLD_AT)
         if batch:
             _write(f, _score_batch(scorer, batch), report, bar)
     bar.close()

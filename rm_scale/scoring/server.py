@@ -23,6 +23,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+# At module level: FastAPI resolves the endpoints' annotations (Request) in this module's globals.
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
@@ -158,9 +162,6 @@ def create_app(scorer: Any, *, max_batch_tokens: int = 16384, max_wait_ms: float
                token: str | None = None) -> Any:
     """The FastAPI app serving ``scorer`` (a rm_scale.scoring.RewardScorer)."""
     from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
 
     batcher = DynamicBatcher(scorer.rewards_of_ids, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
 
