@@ -39,7 +39,7 @@ EXAMPLES_PER_REASON = 5
 
 
 def run_score(model: str, data: Sequence[str], out: str, *, data_format: str | None = None, normalize: bool = False,
-              batch_tokens: int = 16384, max_length: int | None = None, dtype: str = "float32",
+              batch_tokens: int = 4096, max_length: int | None = None, dtype: str = "float32",
               rows_per_batch: int = ROWS_PER_BATCH, progress: bool = True) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     files = resolve_files(list(data))  # ValueError names a missing path

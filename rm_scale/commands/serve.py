@@ -27,7 +27,7 @@ def run_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batc
     from rm_scale.scoring.server import DEFAULT_MAX_ITEMS, DEFAULT_MAX_REQUEST_BYTES, create_app  # lazy, as above
 
     token = os.environ.get(token_env) or None
-    scorer = RewardScorer(model, normalize=normalize, batch_tokens=max_batch_tokens, dtype=dtype)
+    scorer = RewardScorer(model, normalize=normalize, dtype=dtype)  # its rows: the default width (measured)
     app = create_app(scorer, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, token=token,
                      max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
                      max_items=max_items or DEFAULT_MAX_ITEMS)

@@ -73,7 +73,7 @@ class RewardScorer:
 
     __name__ = "rm_scale_reward"  # TRL names a reward function's metrics by its __name__
 
-    def __init__(self, model_dir: str, *, normalize: bool = False, batch_tokens: int = 16384,
+    def __init__(self, model_dir: str, *, normalize: bool = False, batch_tokens: int = 4096,
                  dtype: str = "float32", device: str | None = None, max_length: int | None = None,
                  packed: bool = True, padding_side: str = "right", trust_remote_code: bool = False) -> None:
         if not os.path.isdir(model_dir):
