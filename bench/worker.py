@@ -504,13 +504,11 @@ def zero3_state_bytes(engine: Any) -> dict[str, int]:
 
 def _load(spec: dict[str, Any]) -> Any:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from bench.model import fold_vocab
 
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
-    if model.config.pad_token_id is None:  # a causal-LM folder (the pretrained model): as rm_scale's loader sets it
-        model.config.pad_token_id = AutoTokenizer.from_pretrained(spec["model_dir"]).pad_token_id
     fold_vocab(model, spec["vocab"])
     return model
 

@@ -171,7 +171,7 @@ def _row_item(record: dict[str, Any], mapping: RowMapping, scorer: RewardScorer,
                 report.skip(pair["drop"], record_where(record))
                 continue
             ids = tokenize_canonical(pair, scorer.tokenizer)
-            pairs.append((_cut(scorer, ids["input_ids_chosen"]), _cut(scorer, ids["input_ids_rejected"])))
+            pairs.append((scorer.cut(ids["input_ids_chosen"]), scorer.cut(ids["input_ids_rejected"])))
         if not pairs:
             return None
         return head, pairs
@@ -180,13 +180,6 @@ def _row_item(record: dict[str, Any], mapping: RowMapping, scorer: RewardScorer,
     except (TypeError, ValueError) as e:  # a text field of a shape the scorer cannot read
         report.skip("not text", f"{record_where(record)}: {e}")
     return None
-
-
-def _cut(scorer: RewardScorer, ids: list[int]) -> list[int]:
-    if scorer.max_length and len(ids) > scorer.max_length:
-        scorer.truncated += 1
-        return ids[-scorer.max_length:]
-    return ids
 
 
 def _score_batch(scorer: RewardScorer, batch: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:

@@ -84,23 +84,11 @@ def pack_pairs(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: i
     (and no KV cache is used), so each sequence attends only to itself. ``chosen_index`` / ``rejected_index`` hold the
     (row, column) of each sequence's last token, where its reward is read.
     """
-    seqs = [(i, side, pair[f"input_ids_{side}"]) for i, pair in enumerate(pairs) for side in ("chosen", "rejected")]
-    rows, fill = _narrowest_rows(seqs, row_length, lambda x: len(x[2]))
-    width = max(fill)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    index = {"chosen": torch.zeros((len(pairs), 2), dtype=torch.long),
-             "rejected": torch.zeros((len(pairs), 2), dtype=torch.long)}
-    for r, row in enumerate(rows):
-        col = 0
-        for i, side, seq in row:
-            ids[r, col : col + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            pos[r, col : col + len(seq)] = torch.arange(len(seq))
-            index[side][i] = torch.tensor([r, col + len(seq) - 1])
-            col += len(seq)
-        pos[r, col:] = torch.arange(width - col)  # the row's tail padding is a sequence of its own
-    out = {"packed_input_ids": ids, "packed_position_ids": pos, "chosen_index": index["chosen"],
-           "rejected_index": index["rejected"], "packed_real_tokens": torch.tensor(sum(fill))}
+    seqs = [pair[f"input_ids_{side}"] for pair in pairs for side in ("chosen", "rejected")]
+    packed = pack_sequences(seqs, row_length=row_length, pad_id=pad_id)
+    out = {"packed_input_ids": packed["packed_input_ids"], "packed_position_ids": packed["packed_position_ids"],
+           "chosen_index": packed["index"][0::2], "rejected_index": packed["index"][1::2],
+           "packed_real_tokens": packed["packed_real_tokens"]}
     if "margin" in pairs[0]:
         out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
     return out

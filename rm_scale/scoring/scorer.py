@@ -138,10 +138,13 @@ class RewardScorer:
 
     def encode(self, text_or_prompt: Any, response: Any = None) -> list[int]:
         """Token ids as training made them (rm_scale.data.formats), cut to the last ``max_length`` tokens."""
-        ids = self.tokens(text_or_prompt, response)
+        return self.cut(self.tokens(text_or_prompt, response))
+
+    def cut(self, ids: list[int]) -> list[int]:
+        """The last ``max_length`` tokens of a longer sequence (where the reward is read), counted in ``truncated``."""
         if self.max_length and len(ids) > self.max_length:
             self.truncated += 1
-            ids = ids[-self.max_length:]
+            return ids[-self.max_length:]
         return ids
 
     def tokens(self, text_or_prompt: Any, response: Any = None) -> list[int]:

@@ -181,12 +181,9 @@ def create_app(scorer: Any, *, max_batch_tokens: int = 16384, max_wait_ms: float
             data = parse_json(await _read_body(request, max_request_bytes))
             first, second = parse(data)
             full = await asyncio.to_thread(_tokens, scorer, first, second)
-        except BadRequest as e:
+        except (BadRequest, TypeError, ValueError) as e:  # TypeError, ValueError: a shape the scorer cannot read
             return JSONResponse({"error": str(e)}, 400)
-        except (TypeError, ValueError) as e:  # a shape the scorer cannot read
-            return JSONResponse({"error": str(e)}, 400)
-        limit = scorer.max_length
-        seqs = [ids[-limit:] if limit else ids for ids in full]  # the contract: a longer text keeps its end
+        seqs = [scorer.cut(ids) for ids in full]  # the contract: a longer text keeps its end
         try:
             values = await batcher.submit(seqs)
         except RuntimeError as e:

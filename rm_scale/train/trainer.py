@@ -46,6 +46,7 @@ from rm_scale.model.lora import add_lora
 from rm_scale.model.packed_attention import use_packed_attention
 from rm_scale.model.tokenizer import configure_tokenizer
 from rm_scale.model.reward import (
+    REWARD_STATS_PREFIX,
     base_model,
     disable_dropout,
     forward_packed_rewards,
@@ -464,7 +465,7 @@ class RewardTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             config = base_model(self.model).config
-            stats = {k: v for k, v in vars(config).items() if k.startswith("rm_scale_")}
+            stats = {k: v for k, v in vars(config).items() if k.startswith(REWARD_STATS_PREFIX)}
             write_contract(output_dir or self.args.output_dir, scoring_contract(
                 self.processing_class, max_length=self.args.max_length, truncation=self.args.truncation,
                 reward_stats=stats))
