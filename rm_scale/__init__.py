@@ -15,6 +15,7 @@ _EXPORTS = {
     "RewardConfig": "rm_scale.config",
     "RewardDataCollatorWithPadding": "rm_scale.data.collate",
     "PairFiles": "rm_scale.data.stream",
+    "RewardScorer": "rm_scale.scoring.scorer",
     "RewardTrainer": "rm_scale.train.trainer",
     "compute_reward_metrics": "rm_scale.train.metrics",
     "forward_rewards": "rm_scale.model.reward",

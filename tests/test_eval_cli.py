@@ -60,6 +60,10 @@ def test_eval_cli_scores_a_full_model_per_subset_and_plots(setup):
     out = tmp / "full"
     run_train(recipe, ["--output_dir", str(out)])
     final = _final_metrics(out)
+    # eval_steps 3 divides max_steps 6: the evaluation logged at step 6 is the final one, not run (and logged) twice.
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert {k: v for k, v in evals[-1].items() if k != "step"} == final
     # The exported statistics are those of the final evaluation, in config.json.
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["rm_scale_reward_mean"] == final["eval_rewards_mean"]
@@ -97,7 +101,7 @@ def test_eval_scores_a_lora_adapter_and_its_stats_sit_beside_it(setup, tmp_path,
     assert result["saved_stats"] == stats
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The text report: one line per subset.
-    assert run_eval(str(adapter), [str(pairs)], max_length=40, plot_path=str(plot)) == 0
+    assert run_eval(str(adapter), [str(pairs)], max_length=24, plot_path=str(plot)) == 0  # drops the longest
     text = capsys.readouterr().out
     assert "accuracy" in text and "swapped" in text and "dropped" in text
 

@@ -28,8 +28,10 @@ def test_loss_falls_and_every_parameter_changes(tiny_dir, demo_data, tmp_path):
     model = load_reward_model(str(tiny_dir))
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # a preference a 2-layer, 32-wide model learns in 12 steps (the demo's needs the real model): one brush-off
+    easy = demo_data.map(lambda r: {"rejected": "Not my problem."})
     trainer = RewardTrainer(model=model, args=_args(tmp_path, center_rewards_coefficient=0.01), tokenizer=tok,
-                            train_dataset=demo_data, eval_dataset=demo_data.select(range(32)))
+                            train_dataset=easy, eval_dataset=easy.select(range(32)))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss_exact" in h]
     assert logs[-1]["loss_exact"] < logs[0]["loss_exact"] - 0.05, logs

@@ -27,7 +27,9 @@ def make_tokenizer(corpus: list[str]):
 def demo_corpus() -> list[str]:
     here = Path(__file__).resolve().parents[1] / "rm_scale" / "data" / "demo_data"
     rows = [json.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in open(here / name)]
-    return [r["prompt"] + r["chosen"] + " " + r["rejected"] for r in rows]
+    # words the tests write themselves (test_stream's chat rows, the trainer's easy pairs) are in the vocabulary too
+    return [r["prompt"] + r["chosen"] + " " + r["rejected"] for r in rows] + [
+        "How do I cook rice? Rinse the rice Sure no Not my problem."]
 
 
 def make_tiny_model_dir(path: str | Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:

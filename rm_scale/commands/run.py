@@ -43,7 +43,7 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
                             eval_dataset=eval_data, peft_config=_lora(recipe))
     set_wandb_recipe(trainer, recipe)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    metrics = trainer.evaluate() if eval_data is not None else {}
+    metrics = final_evaluation(trainer) if eval_data is not None else {}
     data_report["train_stream_per_rank"] = trainer.stream_report()  # collective: every rank
     if isinstance(eval_data, PairFiles):
         data_report["eval_stream_per_rank"] = trainer.stream_report(evaluation=True)
@@ -62,6 +62,17 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
         print(f"rm_scale: metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
     shutdown()
     return metrics
+
+
+def final_evaluation(trainer: RewardTrainer) -> dict[str, Any]:
+    """The held-out metrics of the final weights. When this process's last evaluation ran at the last step (eval_steps
+    dividing max_steps, the common case), those are its metrics: evaluating the same weights again costs a whole pass
+    and logs the same point twice. After a resume that trained nothing, the evaluation runs anew."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if (last is not None and last.get("step") == trainer.state.global_step and trainer.last_eval is not None
+            and not isinstance(trainer.eval_dataset, dict)):
+        return {k: v for k, v in last.items() if k != "step"}
+    return trainer.evaluate()
 
 
 def _quiet_logs() -> None:

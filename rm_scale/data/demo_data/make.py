@@ -1,114 +1,233 @@
 """Writes the demo preference set shipped with rm_scale (train.jsonl, eval.jsonl beside this file).
 
-A clear, learnable preference: the chosen reply answers the question helpfully and politely; the rejected reply is a
-rude or evasive brush-off. Eval topics are disjoint from train topics, so held-out accuracy measures generalisation,
-not memorisation. Deterministic: `python -m rm_scale.data.demo_data.make` rewrites the same files.
+Preferences a small model has to *learn*, none visible from a surface cue of one response alone (both sides of a
+pair have the same style and about the same length; where a side is shorter, as with "one word", the opposite
+instruction makes the longer side the better one just as often). Four subsets:
+
+- ``instructions``: the answer that follows an explicit instruction (capital vs lowercase letters, one word vs a
+  full sentence, French vs English) against the same answer that follows the opposite one;
+- ``consistency``: an answer that restates the user's fact against one that contradicts itself halfway;
+- ``units``: a unit conversion with the right factor against one with a wrong factor;
+- ``facts``: a true statement against the same statement naming another topic's answer (another capital,
+  animal sound, colour or number of legs): what the pretrained model knows, read out.
+
+Eval topics are disjoint from train topics (other facts, templates and amounts), so held-out accuracy
+measures generalisation, not memorisation. Deterministic: `python -m rm_scale.data.demo_data.make` rewrites the
+same files (a test checks it).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-TRAIN_TOPICS = [
-    ("boil an egg", "Place the egg in boiling water for about nine minutes, then cool it in cold water."),
-    ("water a cactus", "Water it deeply about once every two to three weeks and let the soil dry out in between."),
-    ("tie a tie", "Cross the wide end over, loop it up through the neck, and pull it down through the knot."),
-    ("learn to swim", "Start in shallow water with a coach, practise floating, then add kicking and arm strokes."),
-    ("save money each month", "Set a budget, move a fixed amount to savings on payday, and track small expenses."),
-    ("fall asleep faster", "Keep a regular bedtime, avoid screens for an hour before bed, and keep the room cool."),
-    ("clean a cast iron pan", "Rinse it with hot water, scrub gently, dry it fully, and rub in a thin layer of oil."),
-    ("write a cover letter", "Open with the role you want, show two achievements that fit it, and close politely."),
-    ("start running", "Begin with short run-walk intervals three times a week and increase the time slowly."),
-    ("remove a coffee stain", "Blot it, rinse with cold water from the back, then treat it with a little detergent."),
-    ("plant tomatoes", "Plant them in a sunny spot after the last frost, deep enough to cover part of the stem."),
-    ("change a flat tyre", "Loosen the nuts, jack up the car, swap the wheel, and tighten the nuts in a star order."),
-    ("make fresh pasta", "Mix flour and eggs into a dough, knead for ten minutes, rest it, then roll and cut it."),
-    ("study for an exam", "Spread study over several days, test yourself often, and sleep well the night before."),
-    ("learn a new language", "Practise a little every day, speak with native speakers, and learn common words first."),
-    ("back up my photos", "Keep one copy on an external drive and another in a cloud service, and check them."),
-    ("brew good tea", "Use fresh water just off the boil for black tea, cooler for green, and steep a few minutes."),
-    ("fix a squeaky door", "Lift the hinge pin, wipe it, add a drop of oil, and put it back."),
-    ("keep basil alive", "Give it sun, water when the top of the soil is dry, and pinch off the flower buds."),
-    ("prepare for a job interview", "Research the company, practise answers aloud, and prepare a few questions."),
-    ("teach a dog to sit", "Hold a treat above its nose, move it back until the dog sits, then reward at once."),
-    ("reduce stress", "Take short walks, breathe slowly for a few minutes, and talk to someone you trust."),
-    ("make a budget", "List your income and fixed costs, set limits for the rest, and review it every month."),
-    ("bake bread", "Mix flour, water, yeast and salt, let it rise, shape it, and bake it in a hot oven."),
-    ("improve my handwriting", "Write slowly, hold the pen loosely, and copy a model alphabet for a few minutes a day."),
-    ("stay hydrated", "Carry a water bottle, drink with each meal, and have a glass after exercise."),
-    ("organise my closet", "Empty it, keep what you wear, group items by type, and store seasonal clothes away."),
-    ("choose a laptop", "Decide what you need it for, then compare battery life, weight, memory and price."),
-    ("cook rice", "Rinse the rice, use about one and a half cups of water per cup, and simmer covered."),
-    ("paint a room", "Clean and tape the walls, use a primer if needed, then roll on two thin coats."),
-    ("start a vegetable garden", "Pick a sunny spot, improve the soil with compost, and start with easy crops."),
-    ("warm up before exercise", "Do five minutes of light cardio followed by gentle dynamic stretches."),
-    ("write a thank-you note", "Name the gift or favour, say how it helped you, and end with a warm wish."),
-    ("keep my phone battery healthy", "Avoid extreme heat, keep the charge between about 20 and 80 percent."),
-    ("memorise a speech", "Learn it in short sections, rehearse aloud, and practise in front of a friend."),
-    ("descale a kettle", "Boil a mix of water and vinegar, let it sit for an hour, then rinse it well."),
-    ("make a smoothie", "Blend a banana, a handful of berries, yoghurt and a splash of milk until smooth."),
-    ("sharpen a knife", "Hold it at a steady angle on a whetstone and draw it across evenly on both sides."),
-    ("plan a road trip", "Choose the route, book stops in advance, check the car, and pack snacks and water."),
-    ("read more books", "Carry a book with you, read for twenty minutes before bed, and pick topics you enjoy."),
-]
-EVAL_TOPICS = [
-    ("grow strawberries", "Plant them in full sun in well-drained soil and water them regularly at the base."),
-    ("iron a shirt", "Start with the collar, then the cuffs and sleeves, and finish with the body."),
-    ("make pancakes", "Whisk flour, milk, egg and a pinch of salt, then cook ladles of batter in a hot pan."),
-    ("clean my keyboard", "Unplug it, turn it over to shake out crumbs, and wipe the keys with a damp cloth."),
-    ("stretch after a run", "Hold calf, hamstring and quad stretches for about thirty seconds each."),
-    ("pack for a flight", "Roll your clothes, keep liquids in a small clear bag, and put essentials in your carry-on."),
-    ("wash a wool sweater", "Hand wash it in cool water with a gentle soap and dry it flat on a towel."),
-    ("make cold brew coffee", "Steep coarse ground coffee in cold water for about twelve hours, then strain it."),
-    ("care for a succulent", "Give it bright light and water only when the soil is completely dry."),
-    ("prepare a presentation", "Know your main message, keep slides simple, and rehearse with a timer."),
-    ("defrost a freezer", "Empty it, switch it off, place towels below, and let the ice melt before wiping it."),
-    ("learn to juggle", "Start with one ball tossed hand to hand, then add a second, then a third."),
-    ("make a paper airplane", "Fold a sheet in half, fold the top corners to the middle, then fold the wings down."),
-    ("keep cut flowers fresh", "Trim the stems at an angle, change the water every two days, and keep them cool."),
-    ("fix a running toilet", "Check the flapper at the bottom of the tank and replace it if it does not seal."),
-    ("write a short poem", "Choose one image or feeling, write a few short lines, and read them aloud to revise."),
-]
-QUESTIONS = [
-    "How do I {t}?",
-    "Can you tell me how to {t}?",
-    "What is the best way to {t}?",
-    "I want to {t}. Any advice?",
-    "Could you explain how to {t}, please?",
-]
-GOOD_OPENERS = ["Sure! ", "Happy to help. ", "Good question. ", "Of course. ", ""]
-GOOD_CLOSERS = ["", " Good luck!", " I hope this helps.", " Let me know if you have more questions."]
-BAD_REPLIES = [
-    "Figure it out yourself.",
-    "Why would I tell you that? Look it up.",
-    "That is a stupid question.",
-    "Not my problem.",
-    "Ugh, just search it online and stop bothering me.",
-    "I don't care, do whatever you want.",
-    "Nobody has time for this.",
+HERE = Path(__file__).parent
+SUBSETS = ("instructions", "consistency", "units", "facts")
+PER_SUBSET = {"train": 120, "eval": 32}
+EVAL_FACTS = 10  # the last facts, templates and operands are held out
+
+# (question, one-word answer, English sentence, French sentence)
+FACTS = [
+    ("What is the capital of France?", "Paris", "The capital of France is Paris.", "La capitale de la France est Paris."),
+    ("What is the capital of Italy?", "Rome", "The capital of Italy is Rome.", "La capitale de l'Italie est Rome."),
+    ("What is the capital of Spain?", "Madrid", "The capital of Spain is Madrid.", "La capitale de l'Espagne est Madrid."),
+    ("What is the capital of Japan?", "Tokyo", "The capital of Japan is Tokyo.", "La capitale du Japon est Tokyo."),
+    ("What is the capital of Germany?", "Berlin", "The capital of Germany is Berlin.",
+     "La capitale de l'Allemagne est Berlin."),
+    ("What colour is the sky on a clear day?", "Blue", "The sky is blue on a clear day.",
+     "Le ciel est bleu par beau temps."),
+    ("What colour is fresh grass?", "Green", "Fresh grass is green.", "L'herbe fraîche est verte."),
+    ("What colour is snow?", "White", "Snow is white.", "La neige est blanche."),
+    ("How many legs does a spider have?", "Eight", "A spider has eight legs.", "Une araignée a huit pattes."),
+    ("How many days are in a week?", "Seven", "A week has seven days.", "Une semaine a sept jours."),
+    ("Which animal says moo?", "Cow", "The cow says moo.", "La vache fait meuh."),
+    ("What do bees make?", "Honey", "Bees make honey.", "Les abeilles font du miel."),
+    ("Which planet do we live on?", "Earth", "We live on the planet Earth.", "Nous vivons sur la planète Terre."),
+    ("What is frozen water called?", "Ice", "Frozen water is called ice.", "L'eau gelée s'appelle la glace."),
+    ("What is the largest ocean?", "Pacific", "The largest ocean is the Pacific.",
+     "Le plus grand océan est le Pacifique."),
+    ("Which season comes after winter?", "Spring", "Spring comes after winter.", "Le printemps vient après l'hiver."),
+    ("Which star is closest to the Earth?", "Sun", "The closest star to the Earth is the Sun.",
+     "L'étoile la plus proche de la Terre est le Soleil."),
+    ("How many months are in a year?", "Twelve", "A year has twelve months.", "Une année a douze mois."),
+    ("What colour is a ripe banana?", "Yellow", "A ripe banana is yellow.", "Une banane mûre est jaune."),
+    ("What is a baby cat called?", "Kitten", "A baby cat is called a kitten.", "Un bébé chat s'appelle un chaton."),
+    ("What is a baby dog called?", "Puppy", "A baby dog is called a puppy.", "Un bébé chien s'appelle un chiot."),
+    ("What is the opposite of hot?", "Cold", "The opposite of hot is cold.", "Le contraire de chaud est froid."),
+    ("What is the opposite of day?", "Night", "The opposite of day is night.", "Le contraire du jour est la nuit."),
+    ("Which animal is called the king of the jungle?", "Lion", "The lion is called the king of the jungle.",
+     "Le lion est appelé le roi de la jungle."),
+    ("What do fish breathe with?", "Gills", "Fish breathe with gills.", "Les poissons respirent avec des branchies."),
+    ("How many wheels does a bicycle have?", "Two", "A bicycle has two wheels.", "Un vélo a deux roues."),
+    # held out (EVAL_FACTS)
+    ("What is the capital of England?", "London", "The capital of England is London.",
+     "La capitale de l'Angleterre est Londres."),
+    ("What is the capital of Portugal?", "Lisbon", "The capital of Portugal is Lisbon.",
+     "La capitale du Portugal est Lisbonne."),
+    ("What colour is coal?", "Black", "Coal is black.", "Le charbon est noir."),
+    ("Which bird is a symbol of peace?", "Dove", "The dove is a symbol of peace.", "La colombe est un symbole de paix."),
+    ("How many hours are in a day?", "Twenty-four", "A day has twenty-four hours.",
+     "Une journée a vingt-quatre heures."),
+    ("What is a baby sheep called?", "Lamb", "A baby sheep is called a lamb.", "Un bébé mouton s'appelle un agneau."),
+    ("What is the opposite of up?", "Down", "The opposite of up is down.", "Le contraire de haut est bas."),
+    ("What do we use to see?", "Eyes", "We see with our eyes.", "Nous voyons avec nos yeux."),
+    ("Which fruit is wine made from?", "Grapes", "Wine is made from grapes.", "Le vin est fait avec du raisin."),
+    ("Which season comes after summer?", "Autumn", "Autumn comes after summer.", "L'automne vient après l'été."),
 ]
 
+# (instruction, how a sentence follows it) in opposite pairs: the chosen side follows the prompt's instruction, the
+# rejected side follows its opposite; each instruction is asked as often as its opposite.
+INSTRUCTION_PAIRS = [
+    (("Answer in capital letters only.", lambda f: f[2].upper()),
+     ("Answer in lowercase letters only.", lambda f: f[2].lower())),
+    (("Answer with one word only.", lambda f: f[1] + "."),
+     ("Answer in a full sentence.", lambda f: f[2])),
+    (("Answer in French.", lambda f: f[3]),
+     ("Answer in English.", lambda f: f[2])),
+]
 
-def make_pairs(topics: list[tuple[str, str]], *, n: int, seed: int) -> list[dict[str, str]]:
+# (user's statement + question, an answer that restates {x} then concludes {y}, slot): the rejected side concludes
+# something else, contradicting itself; half the time the answer is only its conclusion, which then contradicts the
+# user's statement instead.
+CONSISTENCY = [
+    ("My package arrives on {x}. When should I expect it?", "It arrives on {x}, so expect it on {y}.", "days"),
+    ("The meeting starts at {x} o'clock. When should I be there?", "It starts at {x} o'clock, so be there at {y}.",
+     "hours"),
+    ("My sister is called {x}. What is her name?", "Your sister is called {x}, so her name is {y}.", "names"),
+    ("I painted my door {x}. What colour is it now?", "You painted it {x}, so the door is now {y}.", "colours"),
+    ("I have {x} cats and no other pets. How many pets do I have?", "You have {x} cats, so you have {y} pets.",
+     "numbers"),
+    ("My flight leaves on {x}. Which day do I fly?", "Your flight leaves on {x}, so you fly on {y}.", "days"),
+    ("My brother is called {x}. Who is my brother?", "Your brother is called {x}, so he is {y}.", "names"),
+    ("The shop opens at {x} o'clock. When can I go in?", "It opens at {x} o'clock, so you can go in at {y}.",
+     "hours"),
+    ("My new car is {x}. What colour is my car?", "Your new car is {x}, so your car is {y}.", "colours"),
+    ("There are {x} eggs in the box. How many eggs are there?", "The box holds {x} eggs, so there are {y} eggs.",
+     "numbers"),
+    # held out (the last HELD_OUT_TEMPLATES)
+    ("My dentist visit is on {x}. What day is the visit?", "The visit is on {x}, so go on {y}.", "days"),
+    ("My friend is called {x}. What is my friend's name?", "Your friend is called {x}, so the name is {y}.", "names"),
+    ("The bus comes at {x} o'clock. When should I wait for it?", "It comes at {x} o'clock, so wait at {y}.", "hours"),
+    ("I bought a {x} hat. What colour is the hat?", "You bought a {x} hat, so the hat is {y}.", "colours"),
+]
+SLOTS = {
+    "days": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "hours": ["seven", "eight", "nine", "ten", "eleven", "twelve", "two", "three", "four", "five"],
+    "names": ["Anna", "Maria", "Sofia", "Emma", "Lucy", "Clara", "Peter", "John", "David", "Tom", "Sam", "Paul"],
+    "colours": ["red", "blue", "green", "yellow", "white", "black", "grey", "orange"],
+    "numbers": ["two", "three", "four", "five", "six", "seven", "eight", "nine"],
+}
+HELD_OUT_TEMPLATES = 4
+
+# (from, to, factor): the rejected side multiplies by another unit's factor.
+UNITS = [
+    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7),
+    ("metres", "centimetres", 100), ("kilometres", "metres", 1000), ("kilograms", "grams", 1000),
+    ("years", "months", 12), ("litres", "millilitres", 1000), ("centimetres", "millimetres", 10),
+]
+FACTORS = sorted({f for _, _, f in UNITS})
+UNIT_QUESTIONS = ["How many {to} are in {n} {frm}?", "Convert {n} {frm} to {to}.", "What is {n} {frm} in {to}?"]
+UNIT_ANSWERS = ["{n} {frm} is {v} {to}.", "That is {v} {to}.", "{n} {frm} equals {v} {to}."]
+
+# (question, answer, [(topic, truth), ...]): the rejected side names another topic's truth. The last
+# HELD_OUT_FACTS topics of each table are held out (among them every held-out fact of the instructions subset).
+FACT_TABLES = [
+    ("What is the capital of {k}?", "The capital of {k} is {v}.",
+     [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Germany", "Berlin"),
+      ("Russia", "Moscow"), ("China", "Beijing"), ("Greece", "Athens"), ("Egypt", "Cairo"), ("Ireland", "Dublin"),
+      ("Austria", "Vienna"), ("Norway", "Oslo"), ("Canada", "Ottawa"), ("England", "London"),
+      ("Portugal", "Lisbon"), ("Poland", "Warsaw")]),
+    ("What sound does a {k} make?", "A {k} {v}.",
+     [("dog", "barks"), ("cat", "meows"), ("cow", "moos"), ("duck", "quacks"), ("lion", "roars"),
+      ("horse", "neighs"), ("pig", "oinks"), ("owl", "hoots"), ("snake", "hisses"), ("bee", "buzzes"),
+      ("wolf", "howls"), ("sheep", "bleats")]),
+    ("What colour is {k}?", "{K} is {v}.",
+     [("a ripe banana", "yellow"), ("fresh grass", "green"), ("snow", "white"), ("blood", "red"),
+      ("a carrot", "orange"), ("chocolate", "brown"), ("a clear sky", "blue"), ("a tomato", "red"),
+      ("a lemon", "yellow"), ("coal", "black"), ("milk", "white"), ("a lime", "green")]),
+    ("How many legs does a {k} have?", "A {k} has {v} legs.",
+     [("spider", "eight"), ("dog", "four"), ("bird", "two"), ("ant", "six"), ("horse", "four"),
+      ("chicken", "two"), ("beetle", "six"), ("cat", "four"), ("duck", "two"), ("bee", "six"),
+      ("cow", "four"), ("fly", "six")]),
+]
+HELD_OUT_FACTS = 4
+
+def _prompt(question: str) -> str:
+    return f"User: {question}\nAssistant: "
+
+
+def _instructions(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
+    facts = FACTS[-EVAL_FACTS:] if held_out else FACTS[:-EVAL_FACTS]
+    while True:
+        fact = rng.choice(facts)
+        pair = list(rng.choice(INSTRUCTION_PAIRS))
+        rng.shuffle(pair)  # which of the two is asked: each as often as its opposite
+        (asked, follows), (_, opposite) = pair
+        question = f"{asked} {fact[0]}" if rng.random() < 0.5 else f"{fact[0]} {asked}"
+        yield {"prompt": _prompt(question), "chosen": follows(fact), "rejected": opposite(fact)}
+
+
+def _consistency(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
+    templates = CONSISTENCY[-HELD_OUT_TEMPLATES:] if held_out else CONSISTENCY[:-HELD_OUT_TEMPLATES]
+    while True:
+        question, answer, slot = rng.choice(templates)
+        x, other = rng.sample(SLOTS[slot], 2)
+        if rng.random() < 0.5:  # only the conclusion: "So expect it on Friday."
+            answer = "S" + answer[answer.index(", so ") + 3 :]
+        yield {"prompt": _prompt(question.format(x=x)), "chosen": answer.format(x=x, y=x),
+               "rejected": answer.format(x=x, y=other)}
+
+
+def _units(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
+    values = [7, 8, 9] if held_out else [2, 3, 4, 5, 6]  # held-out amounts
+    while True:
+        frm, to, factor = rng.choice(UNITS)
+        n = rng.choice(values)
+        wrong = rng.choice([f for f in FACTORS if f != factor])
+        question, answer = rng.choice(UNIT_QUESTIONS), rng.choice(UNIT_ANSWERS)
+        yield {"prompt": _prompt(question.format(n=n, frm=frm, to=to)),
+               "chosen": answer.format(n=n, frm=frm, to=to, v=n * factor),
+               "rejected": answer.format(n=n, frm=frm, to=to, v=n * wrong)}
+
+
+def _facts(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
+    while True:
+        question, answer, table = rng.choice(FACT_TABLES)
+        topics = table[-HELD_OUT_FACTS:] if held_out else table[:-HELD_OUT_FACTS]
+        k, v = rng.choice(topics)
+        wrong = rng.choice(sorted({t for _, t in table} - {v}))
+        fill = {"k": k, "K": k[0].upper() + k[1:]}
+        yield {"prompt": _prompt(question.format(**fill)), "chosen": answer.format(**fill, v=v),
+               "rejected": answer.format(**fill, v=wrong)}
+
+MAKERS: dict[str, Callable[[random.Random, bool], Iterator[dict[str, str]]]] = {
+    "instructions": _instructions, "consistency": _consistency, "units": _units, "facts": _facts,
+}
+
+
+def make_pairs(split: str, *, seed: int) -> list[dict[str, str]]:
+    """``PER_SUBSET[split]`` distinct pairs of each subset, shuffled; eval topics disjoint from train topics."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
-        topic, answer = topics[i % len(topics)]
-        question = rng.choice(QUESTIONS).format(t=topic)
-        chosen = rng.choice(GOOD_OPENERS) + answer + rng.choice(GOOD_CLOSERS)
-        rows.append({"prompt": f"User: {question}\nAssistant: ", "chosen": chosen, "rejected": rng.choice(BAD_REPLIES)})
+    for subset in SUBSETS:
+        made, seen = MAKERS[subset](rng, split == "eval"), set()
+        while len(seen) < PER_SUBSET[split]:
+            pair = next(made)
+            key = (pair["prompt"], pair["chosen"], pair["rejected"])
+            if key not in seen:
+                seen.add(key)
+                rows.append({**pair, "subset": subset})
     rng.shuffle(rows)
     return rows
 
 
 def main() -> None:
-    here = Path(__file__).parent
-    for name, topics, n, seed in (("train", TRAIN_TOPICS, 480, 0), ("eval", EVAL_TOPICS, 128, 1)):
-        with open(here / f"{name}.jsonl", "w") as f:
-            for row in make_pairs(topics, n=n, seed=seed):
-                f.write(json.dumps(row) + "\n")
+    for split, seed in (("train", 0), ("eval", 1)):
+        with open(HERE / f"{split}.jsonl", "w") as f:
+            for row in make_pairs(split, seed=seed):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
