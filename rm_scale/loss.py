@@ -7,6 +7,7 @@ into micro-batches and ranks. No torch.distributed, accelerate or deepspeed here
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -122,3 +123,87 @@ def global_terms_value(moments: BatchMoments, terms: GlobalTerms) -> float:
     if terms.target_std_coef and terms.target_std is not None:
         value += terms.target_std_coef * (max(v, 1e-12) ** 0.5 - terms.target_std) ** 2
     return value
+
+
+# ---- groups: one prompt, K >= 2 responses --------------------------------------------------------------------------
+# A micro-batch holds the rewards of every response of its groups, (N,). Preferences are edges into those rewards
+# (pairwise labels, votes or score gaps) or each response's tier in its group's ranking (0 = best; equal tiers are
+# tied). The functions return sums, as above: the caller divides by the global count of edges or groups.
+
+
+@dataclass
+class EdgeLossSums:
+    """Per-micro-batch sums over a group's edges; divide by the global edge count."""
+
+    loss: torch.Tensor  # sum of -log P(observed outcome): a preference, or a tie under the tie model
+    correct: torch.Tensor  # preference edges ranked right (equal rewards count half)
+    num_edges: int  # preference edges
+    num_ties: int  # tie edges in the loss (0 when ties are dropped)
+
+
+def edge_sums(
+    rewards: torch.Tensor,
+    better: torch.Tensor,
+    worse: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    tie: torch.Tensor | None = None,
+    tie_strength: float | None = None,
+) -> EdgeLossSums:
+    """Bradley-Terry over edges ``rewards[better[e]] > rewards[worse[e]]``; with ``tie`` (E,) bool, the marked edges
+    are ties between their two responses. ``tie_strength`` None: ties carry no loss (dropped). ``tie_strength`` ν > 0:
+    Davidson's (1970) extension, P(i > j) = π_i / D, P(tie) = ν √(π_i π_j) / D, D = π_i + π_j + ν √(π_i π_j),
+    π = exp(reward); ν = 0 is Bradley-Terry, and the three outcomes' probabilities sum to 1. ``margin`` (E,) is
+    subtracted from a preference edge's reward gap (Llama 2), as in `bradley_terry_sums`."""
+    tie = torch.zeros_like(better, dtype=torch.bool) if tie is None else tie.to(torch.bool)
+    diff = rewards[better] - rewards[worse]
+    logits = diff if margin is None else diff - margin.to(diff.dtype)
+    pref = ~tie
+    if tie_strength is None:
+        loss = -F.logsigmoid(logits[pref]).sum()
+        ties = 0
+    else:
+        if not tie_strength > 0:
+            raise ValueError(f"tie_strength must be > 0 (Davidson's nu), got {tie_strength}")
+        log_nu = torch.full_like(logits, math.log(tie_strength))
+        half = torch.where(pref, logits, diff) / 2
+        log_norm = torch.logsumexp(torch.stack([half, -half, log_nu]), dim=0)
+        loss = (log_norm - torch.where(pref, half, log_nu)).sum()
+        ties = int(tie.sum())
+    return EdgeLossSums(loss=loss, correct=correct_pairs(diff.detach()[pref]), num_edges=int(pref.sum()),
+                        num_ties=ties)
+
+
+def plackett_luce_sums(rewards: torch.Tensor, group: torch.Tensor, tier: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The negative log Plackett-Luce likelihood of each group's ranking, summed, and the number of groups ranked.
+
+    ``group`` (N,) names each response's group, ``tier`` (N,) its place (0 = best). Each response in turn is chosen
+    from those not yet chosen: -log P = sum over responses of logsumexp(rewards of its tier and worse) - reward.
+    Responses of one tier are tied (Breslow's approximation: each is chosen from its tier and the worse ones); the
+    worst tier is chosen from nothing and adds no term. K = 2 without a tie is Bradley-Terry."""
+    same = group[:, None] == group[None, :]
+    pool = same & (tier[None, :] >= tier[:, None])  # row i: the responses still to choose from when i is chosen
+    _, index = torch.unique(group, return_inverse=True)
+    worst = torch.zeros(int(index.max()) + 1, dtype=tier.dtype, device=tier.device)
+    ranked = tier < worst.scatter_reduce(0, index, tier, reduce="amax", include_self=False)[index]
+    masked = rewards[None, :].masked_fill(~pool, float("-inf"))
+    terms = torch.logsumexp(masked, dim=1) - rewards
+    return terms[ranked].sum(), int(torch.unique(group[ranked]).numel())
+
+
+def best_of_k_correct(rewards: torch.Tensor, group: torch.Tensor, tier: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Groups whose one best response (tier 0, not tied) out-scores every other response of the group, and the number
+    of such groups (RewardBench 2 scores its 1-correct-vs-3 subsets this way). A tie for the top reward counts as
+    1 / (responses sharing it)."""
+    best = tier == 0
+    ids, per_group = torch.unique(group, return_inverse=True)
+    n = ids.numel()
+    top_count = torch.zeros(n, dtype=torch.long, device=rewards.device).scatter_add(0, per_group, best.long())
+    top = torch.full((n,), float("-inf"), dtype=rewards.dtype, device=rewards.device)
+    top = top.scatter_reduce(0, per_group, rewards.detach(), reduce="amax")
+    at_top = rewards.detach() == top[per_group]
+    sharing = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).scatter_add(0, per_group, at_top.to(rewards.dtype))
+    won = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).scatter_add(
+        0, per_group, (best & at_top).to(rewards.dtype))
+    scored = top_count == 1
+    return (won[scored] / sharing[scored]).sum(), int(scored.sum())

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rm_scale.data.formats import PRETOKENIZED, shared_prefix_length
+from rm_scale.data.formats import PRETOKENIZED, common_prefix_length
 
 
 @dataclass
@@ -95,48 +96,59 @@ def pack_pairs(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: i
 
 
 def pack_groups(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:
-    """Like `pack_pairs`, but each pair is one *group*: the prefix both sides share, then the chosen side's own
-    tokens, then the rejected side's own tokens, with positions continuing from the prefix end on both sides. The
-    forward (rm_scale.model.packed_attention) lets each side attend to the prefix and to its own earlier tokens only,
-    so the prefix is computed once. ``packed_groups`` holds (row, start, prefix, chosen own, rejected own) per group
-    (a row's padding tail is a group with no prefix and no rejected part); ``chosen_span`` / ``rejected_span`` the
-    keys of each read token: (group start, prefix end, own start). ``row_length`` None: all groups in one row."""
-    items = [(i, p["input_ids_chosen"], p["input_ids_rejected"]) for i, p in enumerate(pairs)]
-    shared = [shared_prefix_length(c, r) for _, c, r in items]
-    sizes = {i: len(c) + len(r) - shared[i] for i, c, r in items}
-    rows, fill = _narrowest_rows([i for i, _, _ in items], row_length or sum(sizes.values()), sizes.__getitem__)
-    width = max(fill)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    spans = {side: torch.zeros((len(pairs), 3), dtype=torch.long) for side in ("chosen", "rejected")}
-    index = {side: torch.zeros((len(pairs), 2), dtype=torch.long) for side in ("chosen", "rejected")}
-    groups = []
-    for r, row in enumerate(rows):
-        col = 0
-        for i in row:
-            _, chosen, rejected = items[i]
-            p, end = shared[i], col + len(chosen) + len(rejected) - shared[i]
-            ids[r, col : col + len(chosen)] = torch.as_tensor(chosen, dtype=torch.long)
-            ids[r, col + len(chosen) : end] = torch.as_tensor(rejected[p:], dtype=torch.long)
-            pos[r, col : col + len(chosen)] = torch.arange(len(chosen))
-            pos[r, col + len(chosen) : end] = torch.arange(p, len(rejected))
-            index["chosen"][i] = torch.tensor([r, col + len(chosen) - 1])
-            index["rejected"][i] = torch.tensor([r, end - 1])
-            spans["chosen"][i] = torch.tensor([col, col + p, col + p])
-            spans["rejected"][i] = torch.tensor([col, col + p, col + len(chosen)])
-            groups.append((r, col, p, len(chosen) - p, len(rejected) - p))
-            col = end
-        if col < width:  # the row's tail padding: a sequence of its own
-            pos[r, col:] = torch.arange(width - col)
-            groups.append((r, col, 0, width - col, 0))
-    out = {"packed_input_ids": ids, "packed_position_ids": pos, "chosen_index": index["chosen"],
-           "rejected_index": index["rejected"], "packed_real_tokens": torch.tensor(sum(fill)),
-           "packed_pair_tokens": torch.tensor(sum(len(c) + len(r) for _, c, r in items)),
-           "packed_groups": torch.tensor(groups, dtype=torch.long), "chosen_span": spans["chosen"],
-           "rejected_span": spans["rejected"]}
+    """Like `pack_pairs`, but each pair is one *group* (`pack_response_groups` with K = 2): the prefix both sides
+    share, then the chosen side's own tokens, then the rejected side's, positions continuing from the prefix end on
+    both sides, so the prefix is computed once. ``packed_groups`` holds (row, start, prefix, chosen own, rejected own)
+    per group; ``chosen_span`` / ``rejected_span`` the keys of each read token: (group start, prefix end, own start)."""
+    packed = pack_response_groups([[p["input_ids_chosen"], p["input_ids_rejected"]] for p in pairs],
+                                  row_length=row_length, pad_id=pad_id)
+    index, spans = packed.pop("index"), packed.pop("spans")
+    out = {**packed, "chosen_index": index[0::2], "rejected_index": index[1::2], "chosen_span": spans[0::2],
+           "rejected_span": spans[1::2], "packed_pair_tokens": packed.pop("packed_sequence_tokens")}
     if "margin" in pairs[0]:
         out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
     return out
+
+
+def pack_response_groups(groups: list[list[list[int]]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:
+    """K >= 2 responses of one prompt per group (token ids of prompt + response each): the prefix they all share once,
+    then each response's own tokens, positions continuing from the prefix end for each. The forward
+    (rm_scale.model.packed_attention) lets each response attend to the prefix and its own earlier tokens only, so
+    the rewards are those of K separate sequences. Groups pack first fit into rows of ``row_length`` (None: one row).
+
+    ``index`` / ``spans``: per response, group by group, the (row, column) of its last token and its keys (group
+    start, prefix end, own start). ``packed_groups``: (row, start, prefix, own_1, ..., own_K) per group, zero-padded
+    to the widest group (a row's padding tail is a group of its own with no prefix)."""
+    shared = [common_prefix_length(g) for g in groups]
+    sizes = [sum(map(len, g)) - (len(g) - 1) * p for g, p in zip(groups, shared)]
+    rows, fill = _narrowest_rows(list(range(len(groups))), row_length or sum(sizes), sizes.__getitem__)
+    width, parts = max(fill), max(map(len, groups))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    starts = [0, *itertools.accumulate(map(len, groups))]
+    index, spans = torch.zeros((starts[-1], 2), dtype=torch.long), torch.zeros((starts[-1], 3), dtype=torch.long)
+    layout = []
+    for r, row in enumerate(rows):
+        col = 0
+        for g in row:
+            p, own = shared[g], [len(s) - shared[g] for s in groups[g]]
+            ids[r, col : col + p] = torch.as_tensor(groups[g][0][:p], dtype=torch.long)
+            pos[r, col : col + p] = torch.arange(p)
+            at = col + p
+            for k, seq in enumerate(groups[g]):
+                ids[r, at : at + own[k]] = torch.as_tensor(seq[p:], dtype=torch.long)
+                pos[r, at : at + own[k]] = torch.arange(p, len(seq))
+                index[starts[g] + k] = torch.tensor([r, at + own[k] - 1])
+                spans[starts[g] + k] = torch.tensor([col, col + p, at if k else col + p])
+                at += own[k]
+            layout.append([r, col, p, *own, *[0] * (parts - len(own))])
+            col = at
+        if col < width:  # the row's tail padding: a sequence of its own
+            pos[r, col:] = torch.arange(width - col)
+            layout.append([r, col, 0, width - col, *[0] * (parts - 1)])
+    return {"packed_input_ids": ids, "packed_position_ids": pos, "index": index, "spans": spans,
+            "packed_groups": torch.tensor(layout, dtype=torch.long), "packed_real_tokens": torch.tensor(sum(fill)),
+            "packed_sequence_tokens": torch.tensor(sum(len(s) for g in groups for s in g))}
 
 
 def pack_sequences(seqs: list[list[int]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:

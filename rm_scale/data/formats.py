@@ -175,9 +175,15 @@ def pair_length(pair: dict[str, Any]) -> int:
 def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:
     """Tokens the two sides share at their start (token ids: exact for every format), leaving each side at least
     one token of its own (its reward is read at its last token, which must come after the shared part)."""
-    limit = min(len(chosen), len(rejected)) - 1
+    return common_prefix_length([chosen, rejected])
+
+
+def common_prefix_length(seqs: Sequence[list[int]]) -> int:
+    """Tokens all of ``seqs`` (a prompt's responses) share at their start, leaving each at least one of its own."""
+    limit = min(map(len, seqs)) - 1
+    first = seqs[0]
     n = 0
-    while n < limit and chosen[n] == rejected[n]:
+    while n < limit and all(s[n] == first[n] for s in seqs):
         n += 1
     return n
 

@@ -14,11 +14,11 @@ generation are unchanged. `RewardTrainer` switches a model from `sdpa` to it whe
 position_ids) when the model uses it. The implementation name is not saved with the model (transformers keeps it out of
 config.json), so a saved model loads with whatever attention its user picks.
 
-Shared-prefix groups (rm_scale.data.collate.pack_groups): a segment may be a pair's group -- the prefix both sides
-share, the chosen side's own tokens, the rejected side's own tokens. The prefix and the chosen side are one causal
-sequence; the rejected side's queries attend to the prefix's keys and their own (causal, aligned to the bottom
-right), never to the chosen side. So the prefix is computed once for both sides and the rewards are those of two
-separate sequences.
+Shared-prefix groups (rm_scale.data.collate.pack_response_groups, pack_groups for pairs): a segment may be a group --
+the prefix its K responses share, then each response's own tokens. The prefix and the first response are one causal
+sequence; every other response's queries attend to the prefix's keys and their own (causal, aligned to the bottom
+right), never to another response. So the prefix is computed once and the rewards are those of K separate
+sequences.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from torch.nn.attention.bias import causal_lower_right
 
 NAME = "rm_scale_packed_sdpa"
 
-# Per row: (start, prefix, own, other) of each segment, covering the whole row: a plain sequence is
-# (start, 0, length, 0); a shared-prefix group is (start, prefix, chosen's own tokens, rejected's own tokens).
-Segments = tuple[tuple[tuple[int, int, int, int], ...], ...]
+# Per row: (start, prefix, own, *others) of each segment, covering the whole row: a plain sequence is
+# (start, 0, length); a shared-prefix group is (start, prefix, the first response's own tokens, the others' own tokens).
+Segments = tuple[tuple[tuple[int, ...], ...], ...]
 
 
 def segments_from_position_ids(position_ids: torch.Tensor) -> Segments:
@@ -50,15 +50,16 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> Segments:
         if not starts or starts[0] != 0:
             starts = [0, *starts]
         ends = [*starts[1:], width]
-        out.append(tuple((a, 0, b - a, 0) for a, b in zip(starts, ends)))
+        out.append(tuple((a, 0, b - a) for a, b in zip(starts, ends)))
     return tuple(out)
 
 
 def segments_from_groups(groups: torch.Tensor, rows: int) -> Segments:
-    """The segments of pack_groups' ``packed_groups`` ((row, start, prefix, own, other) per group, in row order)."""
-    out: list[list[tuple[int, int, int, int]]] = [[] for _ in range(rows)]
-    for row, start, prefix, own, other in groups.detach().to("cpu").tolist():
-        out[row].append((start, prefix, own, other))
+    """The segments of ``packed_groups`` ((row, start, prefix, own_1, ..., own_K) per group, zero-padded, in row
+    order; collate.pack_response_groups)."""
+    out: list[list[tuple[int, ...]]] = [[] for _ in range(rows)]
+    for row, start, prefix, *own in groups.detach().to("cpu").tolist():
+        out[row].append((start, prefix, *[n for n in own if n]))
     return tuple(tuple(r) for r in out)
 
 
@@ -93,29 +94,29 @@ def packed_sdpa_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: tuple[int, int, int, int], dropout: float,
+def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: tuple[int, ...], dropout: float,
              scaling: float | None) -> list[torch.Tensor]:
-    """Attention outputs of one segment's positions: the prefix + own part as one causal sequence, then the other
-    side's queries over the prefix's keys and their own."""
-    start, prefix, own, other = segment
+    """Attention outputs of one segment's positions: the prefix + first own part as one causal sequence, then each
+    other part's queries over the prefix's keys and their own."""
+    start, prefix, own, *others = segment
     split = start + prefix + own
-    first = F.scaled_dot_product_attention(q[:, :, start:split], k[:, :, start:split], v[:, :, start:split],
-                                           dropout_p=dropout, is_causal=True, scale=scaling)
-    if not other:
-        return [first]
-    end = split + other
-    keys = torch.cat([k[:, :, start : start + prefix], k[:, :, split:end]], dim=2)
-    values = torch.cat([v[:, :, start : start + prefix], v[:, :, split:end]], dim=2)
-    # Query i of the other side sees the prefix and its own first i + 1 tokens: causal, aligned to the bottom right.
-    # A CausalBias lets GPU kernels run it without a materialised mask, but it checks dtypes before autocast casts
-    # them (under bf16 autocast the rotated query and key are fp32, the value bf16): then a boolean mask.
-    if q.dtype == keys.dtype == values.dtype:
-        mask = causal_lower_right(other, prefix + other)
-    else:
-        mask = torch.ones(other, prefix + other, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-    second = F.scaled_dot_product_attention(q[:, :, split:end], keys, values, attn_mask=mask, dropout_p=dropout,
-                                            scale=scaling)
-    return [first, second]
+    outputs = [F.scaled_dot_product_attention(q[:, :, start:split], k[:, :, start:split], v[:, :, start:split],
+                                              dropout_p=dropout, is_causal=True, scale=scaling)]
+    for other in others:
+        end = split + other
+        keys = torch.cat([k[:, :, start : start + prefix], k[:, :, split:end]], dim=2)
+        values = torch.cat([v[:, :, start : start + prefix], v[:, :, split:end]], dim=2)
+        # Query i of this part sees the prefix and its own first i + 1 tokens: causal, aligned to the bottom right.
+        # A CausalBias lets GPU kernels run it without a materialised mask, but it checks dtypes before autocast
+        # casts them (under bf16 autocast the rotated query and key are fp32, the value bf16): then a boolean mask.
+        if q.dtype == keys.dtype == values.dtype:
+            mask = causal_lower_right(other, prefix + other)
+        else:
+            mask = torch.ones(other, prefix + other, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+        outputs.append(F.scaled_dot_product_attention(q[:, :, split:end], keys, values, attn_mask=mask,
+                                                      dropout_p=dropout, scale=scaling))
+        split = end
+    return outputs
 
 
 # Set while a forward carries packed_segments: the attention then ignores the mask, so transformers need not build the
