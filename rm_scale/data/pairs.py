@@ -10,11 +10,12 @@ Rows read through a mapping become conversations (prompt = user turn, response =
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from rm_scale.data.formats import PRETOKENIZED
@@ -34,8 +35,15 @@ GROUP = "_group"  # a record of adjacent rows that share a prompt (columns.group
 
 def to_pairs(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") -> list[dict[str, Any]]:
     """Canonical pairs from one row (several for a multi-response row); BadRow names the field and the fix."""
-    try:
+    with row_errors(where):
         return _pairs(row, mapping, where)
+
+
+@contextlib.contextmanager
+def row_errors(where: str) -> Iterator[None]:
+    """A missing field or a field of an unexpected shape while reading a row becomes a BadRow naming it."""
+    try:
+        yield
     except FieldError as e:
         raise BadRow("missing field", str(e), where=where, field_name=e.name) from None
     except (TypeError, AttributeError, IndexError, KeyError, OverflowError) as e:  # a field of an unexpected shape
@@ -44,15 +52,23 @@ def to_pairs(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") ->
                      where=where) from None
 
 
-def _pairs(row: Mapping[str, Any], mapping: RowMapping, where: str) -> list[dict[str, Any]]:
+def response_mapping(row: Mapping[str, Any], mapping: RowMapping) -> RowMapping | None:
+    """The mapping that reads ``row`` as several responses with labels, or None for a row that is one pair."""
     if mapping.multi_response:
-        return _response_pairs(row, mapping, where)
+        return mapping
     numbered = _numbered_responses(row) if mapping.is_empty else []
-    if numbered:  # FineGrainedRLHF-style rows: "prediction 1".."prediction N" + pairwise "preference"
-        scores = "scores" if "scores" in row and "preference" not in row else None
-        m = RowMapping(prompt="question", responses=tuple(numbered), scores=scores,
-                       pair_labels=None if scores else "preference", label_coding="1_2_0")
-        return _response_pairs(row, m, where)
+    if not numbered:
+        return None
+    # FineGrainedRLHF-style rows: "prediction 1".."prediction N" + pairwise "preference" (or "scores")
+    scores = "scores" if "scores" in row and "preference" not in row else None
+    return RowMapping(prompt="question", responses=tuple(numbered), scores=scores,
+                      pair_labels=None if scores else "preference", label_coding="1_2_0")
+
+
+def _pairs(row: Mapping[str, Any], mapping: RowMapping, where: str) -> list[dict[str, Any]]:
+    responses = response_mapping(row, mapping)
+    if responses is not None:
+        return _response_pairs(row, responses, where)
     if mapping.is_empty and (all(k in row for k in PRETOKENIZED) or {"chosen_ids", "rejected_ids"} <= set(row)):
         return [_passthrough(row, mapping)]
     return [_one_pair(row, mapping, where)]
@@ -96,9 +112,9 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
         # TRL's text format: prompt + response as given, or whole transcripts (implicit prompt)
         pair = {"prompt": prompt, **sides}
     else:
-        pair = {"prompt": _prompt_messages(prompt, system, m), "chosen": _assistant(sides["chosen"]),
-                "rejected": _assistant(sides["rejected"])}
-    _copy_extras(row, m, pair, where)
+        pair = {"prompt": _prompt_messages(prompt, system, m), "chosen": assistant_turn(sides["chosen"]),
+                "rejected": assistant_turn(sides["rejected"])}
+    copy_extras(row, m, pair, where)
     if isinstance(m.scores, tuple) and len(m.scores) == 2:  # the two sides' scores: equal is a tie
         good, bad = (get_value(row, c) for c in m.scores)
         if not (is_finite_number(good) and is_finite_number(bad)):
@@ -139,7 +155,7 @@ def _prompt_messages(prompt: Any, system: str | None, m: RowMapping) -> list[dic
     return _turns(system, prompt)
 
 
-def _assistant(text: Any) -> list[dict[str, Any]]:
+def assistant_turn(text: Any) -> list[dict[str, Any]]:
     return list(text) if isinstance(text, list) else [{"role": "assistant", "content": text}]
 
 
@@ -164,6 +180,31 @@ def transcript_messages(text: str) -> list[dict[str, str]]:
 
 def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[dict[str, Any]]:
     """N responses with a label naming the better one, votes, pairwise labels (pairs i<j in order) or scores."""
+    base, texts, winners, first = read_responses(row, m, where)
+    pairs = []
+    for good, bad in winners:
+        if good is None:  # a tie between the two responses of ``bad``
+            pairs.append({**base, "drop": "tie"})
+        elif not all(isinstance(t, str) and t.strip() for t in (texts[good], texts[bad])):
+            empty = next(k for k in (good, bad) if not (isinstance(texts[k], str) and texts[k].strip()))
+            pairs.append({**base, "drop": "empty field", "detail": empty_response(m, empty, len(texts))})
+        elif texts[good] == texts[bad]:
+            pairs.append({**base, "drop": "identical chosen and rejected"})
+        else:
+            pair = {**base, "chosen": assistant_turn(texts[good]), "rejected": assistant_turn(texts[bad])}
+            copy_extras(first, m, pair, where)
+            pairs.append(pair)
+    return pairs
+
+
+def empty_response(m: RowMapping, index: int, n: int) -> str:
+    return (f"response {index + 1} of {n} ({_response_name(m, index)}) is empty or not text; fill it or drop the "
+            "row")
+
+
+def read_responses(row: Mapping[str, Any], m: RowMapping, where: str
+                   ) -> tuple[dict[str, Any], list[Any], list[tuple[int | None, Any]], Mapping[str, Any]]:
+    """A multi-response row's ``{"prompt": ...}``, its response texts, its edges (`_edges`) and its first row."""
     rows = row[GROUP] if GROUP in row else [row]
     first = rows[0]
     if m.group_by and m.group_by not in first:
@@ -186,21 +227,7 @@ def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[d
                      "or more; drop the row", where=where)
     winners = _edges(first, rows, texts, m, where)
     base = {"prompt": _prompt_messages(prompt, get_value(first, m.system) if m.system else None, m)}
-    pairs = []
-    for good, bad in winners:
-        if good is None:  # a tie between the two responses of ``bad``
-            pairs.append({**base, "drop": "tie"})
-        elif not all(isinstance(t, str) and t.strip() for t in (texts[good], texts[bad])):
-            empty = next(k for k in (good, bad) if not (isinstance(texts[k], str) and texts[k].strip()))
-            pairs.append({**base, "drop": "empty field", "detail": f"response {empty + 1} of {len(texts)} "
-                          f"({_response_name(m, empty)}) is empty or not text; fill it or drop the row"})
-        elif texts[good] == texts[bad]:
-            pairs.append({**base, "drop": "identical chosen and rejected"})
-        else:
-            pair = {**base, "chosen": _assistant(texts[good]), "rejected": _assistant(texts[bad])}
-            _copy_extras(first, m, pair, where)
-            pairs.append(pair)
-    return pairs
+    return base, texts, winners, first
 
 
 def _edges(first: Mapping[str, Any], rows: list[Mapping[str, Any]], texts: list[Any], m: RowMapping,
@@ -284,7 +311,7 @@ def _check_text(value: Any, name: str, where: str) -> None:
         raise BadRow("empty field", f"field {name!r} is empty; fill it or drop the row", where=where, field_name=name)
 
 
-def _copy_extras(row: Mapping[str, Any], m: RowMapping, pair: dict[str, Any], where: str) -> None:
+def copy_extras(row: Mapping[str, Any], m: RowMapping, pair: dict[str, Any], where: str) -> None:
     margin, subset = m.margin or "margin", m.subset or "subset"
     if row.get(margin) is not None:
         try:
@@ -301,7 +328,7 @@ def _copy_extras(row: Mapping[str, Any], m: RowMapping, pair: dict[str, Any], wh
 def _passthrough(row: Mapping[str, Any], m: RowMapping) -> dict[str, Any]:
     keys = PRETOKENIZED if all(k in row for k in PRETOKENIZED) else ("chosen_ids", "rejected_ids", "prompt_ids")
     pair = {k: list(row[k]) for k in keys if k in row and row[k] is not None}
-    _copy_extras(row, m, pair, "")
+    copy_extras(row, m, pair, "")
     return pair
 
 

@@ -1,0 +1,115 @@
+"""One row → one canonical *group*: a prompt, its K >= 2 responses, and the preferences among them.
+
+``{"prompt", "responses": [...], "edges": [[better, worse, tie], ...], ["margin"], ["subset"], ["left_out"]}``:
+responses are assistant turns (rows read through a mapping, as in rm_scale.data.pairs) or texts (rows in TRL's own
+columns: one pair, a group of two with one edge); each edge indexes two responses, ``tie`` 1 when the labels tie
+them (better and worse then just name the two). A group is what one forward computes: the prompt once, each
+response once (rm_scale.data.collate.pack_response_groups); rm_scale.loss scores its edges (`edge_sums`:
+Bradley-Terry, ties by Davidson's model) or its ranking (`plackett_luce_sums` over `ranking_tiers`).
+
+A response that cannot be used (empty, not text) is left out with its edges, and identical responses share no edge:
+``left_out`` counts them by reason. A group with fewer than two responses or no edge left is ``{"drop": reason}``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rm_scale.data.formats import conversation_ids, template_kwargs, text_ids
+from rm_scale.data.mapping import RowMapping
+from rm_scale.data.pairs import assistant_turn, copy_extras, read_responses, response_mapping, row_errors, to_pairs
+from rm_scale.data.sources import BadRow
+
+
+def to_group(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") -> dict[str, Any]:
+    """The group of one row (see the module docstring); BadRow names the field and the fix."""
+    m = response_mapping(row, mapping)
+    if m is None:
+        (pair,) = to_pairs(row, mapping, where=where)
+        if "drop" in pair:
+            return pair
+        if "chosen" not in pair:
+            raise BadRow("not text", "pre-tokenised rows (token id columns) cannot be read as groups yet; give the "
+                         "text, or train them as pairs", where=where)
+        extras = {k: pair[k] for k in ("margin", "subset") if k in pair}
+        return {"prompt": pair["prompt"], "responses": [pair["chosen"], pair["rejected"]], "edges": [[0, 1, 0]],
+                **extras}
+    with row_errors(where):
+        base, texts, winners, first = read_responses(row, m, where)
+    return _group(base, texts, winners, first, m, where)
+
+
+def _group(base: dict[str, Any], texts: list[Any], winners: list[tuple[int | None, Any]], first: Mapping[str, Any],
+           m: RowMapping, where: str) -> dict[str, Any]:
+    usable = [isinstance(t, str) and bool(t.strip()) for t in texts]
+    left_out = Counter({"empty field": usable.count(False)} if not all(usable) else {})
+    kept = [k for k, ok in enumerate(usable) if ok]
+    new = {k: n for n, k in enumerate(kept)}
+    edges = []
+    for good, bad in winners:
+        i, j = bad if good is None else (good, bad)
+        if i not in new or j not in new:
+            continue
+        if texts[i] == texts[j]:
+            left_out["identical responses"] += 1
+            continue
+        edges.append([new[i], new[j], int(good is None)])
+    if len(kept) < 2:
+        return {**base, "drop": "fewer than 2 responses", "detail": f"{len(kept)} usable response(s) of {len(texts)}"}
+    if not edges:
+        return {**base, "drop": "no preference", "detail": "no two usable responses are compared"}
+    group = {**base, "responses": [assistant_turn(texts[k]) for k in kept], "edges": edges}
+    copy_extras(first, m, group, where)
+    if left_out:
+        group["left_out"] = dict(left_out)
+    return group
+
+
+def ranking_tiers(k: int, edges: Sequence[Sequence[int]]) -> list[int] | None:
+    """Each of ``k`` responses' tier (0 = best) from a group's edges: tied responses share a tier, and a response's
+    tier is one below the lowest tier of the responses preferred to it (the longest chain above it). Responses no
+    edge orders share the top tiers. None when the edges contradict each other (a cycle, or a tie and a preference
+    between the same two)."""
+    parent = list(range(k))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j, tie in edges:
+        if tie:
+            parent[root(i)] = root(j)
+    above: dict[int, set[int]] = {root(x): set() for x in range(k)}
+    for i, j, tie in edges:
+        if not tie:
+            if root(i) == root(j):
+                return None
+            above[root(j)].add(root(i))
+    tier: dict[int, int] = {}
+    while len(tier) < len(above):
+        ready = [n for n in above if n not in tier and above[n] <= tier.keys()]
+        if not ready:
+            return None  # a cycle
+        for n in ready:
+            tier[n] = max((tier[p] + 1 for p in above[n]), default=0)
+    return [tier[root(x)] for x in range(k)]
+
+
+def tokenize_group(group: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Token ids of each response with its prompt, exactly as `tokenize_canonical` tokenises a pair's sides: a text
+    prompt joined to each text response as given (TRL), or the conversation (prompt turns + the response turn)
+    through the chat template."""
+    prompt, responses = group.get("prompt"), group["responses"]
+    if isinstance(responses[0], list):
+        turns = list(prompt or [])
+        kwargs = template_kwargs(group)
+        ids = [conversation_ids(turns + list(r), tokenizer, **kwargs) for r in responses]
+    else:
+        ids = text_ids([(prompt or "") + r for r in responses], tokenizer)
+    out = {"input_ids": ids, "edges": [list(e) for e in group["edges"]]}
+    out.update({k: group[k] for k in ("margin", "subset") if k in group})
+    return out
