@@ -105,19 +105,34 @@ def _forward_at(
     c, s = cos[pos_rows, cols][:, None, None, :], sin[pos_rows, cols][:, None, None, :]
     query = query * c + rotate_half(query) * s
     key = key * cos[:, None] + rotate_half(key) * sin[:, None]
-    groups = getattr(attn, "num_key_value_groups", 1)
-    key, value = key[rows], value[rows]  # each read token with its own row's keys and values
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     mask = _key_mask(attention_mask, starts or None, rows, cols, width)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=attn.scaling,
-        dropout_p=attn.attention_dropout if attn.training else 0.0,
-    )  # (N, H, 1, D)
-    out = attn.o_proj(out.transpose(1, 2).reshape(len(rows), -1))
+    dropout = attn.attention_dropout if attn.training else 0.0
+    out = _read_token_attention(query, key, value, mask, rows, scale=attn.scaling, dropout=dropout)  # (N, H, D)
+    out = attn.o_proj(out.reshape(len(rows), -1))
     h = hidden[rows, cols] + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return hidden.new_zeros(hidden.shape).index_put((rows, cols), h)
+
+
+def _read_token_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                          rows: torch.Tensor, *, scale: float, dropout: float) -> torch.Tensor:
+    """(N, H, D): each read token's attention over its own row's keys (query (N, H, 1, D), key / value
+    (B, H_kv, T, D), mask (N, 1, 1, T)). Row by row against that row's keys as they are: gathering a row's keys and
+    values for every read token (and repeating them per query head) copied N x H x T x D numbers -- 1.2 GB and a
+    quarter of the scorer's time for 80 read tokens of a 6k-token row."""
+    n, heads, _, dim = query.shape
+    kv = key.shape[1]
+    q = query.reshape(n, kv, heads // kv, dim)  # query head h = kv head h // groups, as transformers' repeat_kv
+    order, parts = [], []
+    for r in torch.unique(rows).tolist():
+        sel = torch.nonzero(rows == r).flatten()
+        scores = torch.einsum("nkgd,ktd->nkgt", q[sel], key[r]) * scale
+        scores = scores.masked_fill(~mask[sel].reshape(len(sel), 1, 1, -1), float("-inf"))
+        probs = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout else scores.softmax(dim=-1)
+        parts.append(torch.einsum("nkgt,ktd->nkgd", probs, value[r]).reshape(len(sel), heads, dim))
+        order.append(sel)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out if len(parts) == 1 else out[torch.argsort(torch.cat(order))]
 
 
 def _key_mask(attention_mask: torch.Tensor | None, spans: list[torch.Tensor] | None, rows: torch.Tensor,
