@@ -241,9 +241,9 @@ class PairStream(torch.utils.data.IterableDataset):
                     continue
                 if self.config.batching == "packed":
                     # Shared-prefix groups run on the packed attention (per segment), where a row's width costs no
-                    # attention: rows up to SHARED_ROW_TOKENS wide, so little tail padding (wider rows measured slower
-                    # on CPU: scoring 48 hh pairs took 2x as long in one 9.7k-token row as in 4k rows). Plain packed
-                    # rows may meet the stock sdpa, whose block-diagonal mask is quadratic in the row: max_length.
+                    # attention: rows up to SHARED_ROW_TOKENS wide, so little tail padding (since the sparse last
+                    # layer stopped copying a row's keys per read token, 2k-16k-token rows cost the same per token).
+                    # Plain packed rows may meet the stock sdpa, whose block-diagonal mask is quadratic in the row: max_length.
                     if self.config.shared_prefix:
                         out = pack_groups(batch, row_length=SHARED_ROW_TOKENS, pad_id=self.tokenizer.pad_token_id)
                     else:
