@@ -243,7 +243,8 @@ class PairStream(torch.utils.data.IterableDataset):
                     # Shared-prefix groups run on the packed attention (per segment), where a row's width costs no
                     # attention: rows up to SHARED_ROW_TOKENS wide, so little tail padding (since the sparse last
                     # layer stopped copying a row's keys per read token, 2k-16k-token rows cost the same per token).
-                    # Plain packed rows may meet the stock sdpa, whose block-diagonal mask is quadratic in the row: max_length.
+                    # Plain packed rows may meet the stock sdpa, whose block-diagonal mask is quadratic in the row:
+                    # max_length.
                     if self.config.shared_prefix:
                         out = pack_groups(batch, row_length=SHARED_ROW_TOKENS, pad_id=self.tokenizer.pad_token_id)
                     else:
