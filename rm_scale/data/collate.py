@@ -102,9 +102,9 @@ def pack_groups(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: 
     per group; ``chosen_span`` / ``rejected_span`` the keys of each read token: (group start, prefix end, own start)."""
     packed = pack_response_groups([[p["input_ids_chosen"], p["input_ids_rejected"]] for p in pairs],
                                   row_length=row_length, pad_id=pad_id)
-    index, spans = packed.pop("index"), packed.pop("spans")
+    index, spans, tokens = packed.pop("index"), packed.pop("spans"), packed.pop("packed_sequence_tokens")
     out = {**packed, "chosen_index": index[0::2], "rejected_index": index[1::2], "chosen_span": spans[0::2],
-           "rejected_span": spans[1::2], "packed_pair_tokens": packed.pop("packed_sequence_tokens")}
+           "rejected_span": spans[1::2], "packed_pair_tokens": tokens}
     if "margin" in pairs[0]:
         out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
     return out

@@ -56,15 +56,10 @@ def tokenize_pair(row: Mapping[str, Any], tokenizer: Any, *, fmt: str) -> dict[s
         chosen, rejected = list(row["chosen_ids"]), list(row["rejected_ids"])
         prompt = list(row.get("prompt_ids") or [])
         out = _pair_columns(prompt + chosen, prompt + rejected)
-    elif fmt == "conversational":
-        prompt = list(row.get("prompt") or [])
-        kwargs = template_kwargs(row)
-        out = _pair_columns(conversation_ids(prompt + list(row["chosen"]), tokenizer, **kwargs),
-                            conversation_ids(prompt + list(row["rejected"]), tokenizer, **kwargs))
-    elif fmt in ("prompt", "implicit_prompt"):
-        prompt = row["prompt"] if fmt == "prompt" else ""
-        chosen, rejected = text_ids([prompt + row["chosen"], prompt + row["rejected"]], tokenizer)
-        out = _pair_columns(chosen, rejected)
+    elif fmt in ("conversational", "prompt", "implicit_prompt"):
+        prompt = None if fmt == "implicit_prompt" else row.get("prompt")
+        out = _pair_columns(*responses_ids(prompt, [row["chosen"], row["rejected"]], tokenizer,
+                                           **(template_kwargs(row) if fmt == "conversational" else {})))
     else:
         raise ValueError(f"Unknown preference format {fmt!r}.")
     if "margin" in row and row["margin"] is not None:
@@ -77,6 +72,16 @@ def text_ids(texts: list[str], tokenizer: Any) -> list[list[int]]:
     tokens, and an EOS at the end when the text does not end with one."""
     encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     return [_ensure_eos(list(ids), tokenizer.eos_token_id) for ids in encoded]
+
+
+def responses_ids(prompt: Any, responses: Sequence[Any], tokenizer: Any, **template: Any) -> list[list[int]]:
+    """Token ids of each response with its prompt: message lists as one conversation through the chat template
+    (the prompt's turns, then the response's), text joined to the prompt as given (TRL; no prompt: the response alone
+    is the whole text)."""
+    if isinstance(responses[0], list):
+        turns = list(prompt or [])
+        return [conversation_ids(turns + list(r), tokenizer, **template) for r in responses]
+    return text_ids([(prompt or "") + r for r in responses], tokenizer)
 
 
 PLAIN_SEPARATOR = "\n\n"  # between the turns of a conversation when the tokenizer has no chat template

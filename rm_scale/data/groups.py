@@ -17,9 +17,17 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rm_scale.data.formats import conversation_ids, template_kwargs, text_ids
+from rm_scale.data.formats import responses_ids, template_kwargs
 from rm_scale.data.mapping import RowMapping
-from rm_scale.data.pairs import assistant_turn, copy_extras, read_responses, response_mapping, row_errors, to_pairs
+from rm_scale.data.pairs import (
+    assistant_turn,
+    copy_extras,
+    read_responses,
+    response_mapping,
+    row_errors,
+    to_pairs,
+    usable_text,
+)
 from rm_scale.data.sources import BadRow
 
 
@@ -43,7 +51,7 @@ def to_group(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") ->
 
 def _group(base: dict[str, Any], texts: list[Any], winners: list[tuple[int | None, Any]], first: Mapping[str, Any],
            m: RowMapping, where: str) -> dict[str, Any]:
-    usable = [isinstance(t, str) and bool(t.strip()) for t in texts]
+    usable = [usable_text(t) for t in texts]
     left_out = Counter({"empty field": usable.count(False)} if not all(usable) else {})
     kept = [k for k, ok in enumerate(usable) if ok]
     new = {k: n for n, k in enumerate(kept)}
@@ -103,13 +111,7 @@ def tokenize_group(group: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
     """Token ids of each response with its prompt, exactly as `tokenize_canonical` tokenises a pair's sides: a text
     prompt joined to each text response as given (TRL), or the conversation (prompt turns + the response turn)
     through the chat template."""
-    prompt, responses = group.get("prompt"), group["responses"]
-    if isinstance(responses[0], list):
-        turns = list(prompt or [])
-        kwargs = template_kwargs(group)
-        ids = [conversation_ids(turns + list(r), tokenizer, **kwargs) for r in responses]
-    else:
-        ids = text_ids([(prompt or "") + r for r in responses], tokenizer)
+    ids = responses_ids(group.get("prompt"), group["responses"], tokenizer, **template_kwargs(group))
     out = {"input_ids": ids, "edges": [list(e) for e in group["edges"]]}
     out.update({k: group[k] for k in ("margin", "subset") if k in group})
     return out

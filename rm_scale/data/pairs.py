@@ -185,9 +185,10 @@ def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[d
     for good, bad in winners:
         if good is None:  # a tie between the two responses of ``bad``
             pairs.append({**base, "drop": "tie"})
-        elif not all(isinstance(t, str) and t.strip() for t in (texts[good], texts[bad])):
-            empty = next(k for k in (good, bad) if not (isinstance(texts[k], str) and texts[k].strip()))
-            pairs.append({**base, "drop": "empty field", "detail": empty_response(m, empty, len(texts))})
+        elif not (usable_text(texts[good]) and usable_text(texts[bad])):
+            empty = good if not usable_text(texts[good]) else bad
+            pairs.append({**base, "drop": "empty field", "detail": f"response {empty + 1} of {len(texts)} "
+                          f"({_response_name(m, empty)}) is empty or not text; fill it or drop the row"})
         elif texts[good] == texts[bad]:
             pairs.append({**base, "drop": "identical chosen and rejected"})
         else:
@@ -197,9 +198,9 @@ def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[d
     return pairs
 
 
-def empty_response(m: RowMapping, index: int, n: int) -> str:
-    return (f"response {index + 1} of {n} ({_response_name(m, index)}) is empty or not text; fill it or drop the "
-            "row")
+def usable_text(text: Any) -> bool:
+    """A response of a multi-response row that can be trained on: non-empty text."""
+    return isinstance(text, str) and bool(text.strip())
 
 
 def read_responses(row: Mapping[str, Any], m: RowMapping, where: str

@@ -131,8 +131,9 @@ def _read_token_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         probs = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout else scores.softmax(dim=-1)
         parts.append(torch.einsum("nkgt,ktd->nkgd", probs, value[r]).reshape(len(sel), heads, dim))
         order.append(sel)
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out if len(parts) == 1 else out[torch.argsort(torch.cat(order))]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
 def _key_mask(attention_mask: torch.Tensor | None, spans: list[torch.Tensor] | None, rows: torch.Tensor,

@@ -154,6 +154,7 @@ FACT_TABLES = [
 ]
 HELD_OUT_FACTS = 4
 
+
 def _prompt(question: str) -> str:
     return f"User: {question}\nAssistant: "
 
@@ -201,6 +202,7 @@ def _facts(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
         fill = {"k": k, "K": k[0].upper() + k[1:]}
         yield {"prompt": _prompt(question.format(**fill)), "chosen": answer.format(**fill, v=v),
                "rejected": answer.format(**fill, v=wrong)}
+
 
 MAKERS: dict[str, Callable[[random.Random, bool], Iterator[dict[str, str]]]] = {
     "instructions": _instructions, "consistency": _consistency, "units": _units, "facts": _facts,
