@@ -158,6 +158,47 @@ class RewardConfig(TrainingArguments):
             "rm_scale's packed attention (an 'sdpa' decoder with packed_attention on); True without it is an error."
         },
     )
+    response_groups: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Streamed data with batching='packed': each row's K >= 2 responses as ONE group (the prompt "
+            "computed once, each response once, every labelled pair of the row scored from the K rewards) instead "
+            "of independent pairs; per_device_train_batch_size then counts groups, and accuracy counts the groups' "
+            "preference edges. None (default): on when loss_type, ties or merge_prompt_pairs needs it. Needs the "
+            "shared prefix (an 'sdpa' decoder, packed_attention on)."
+        },
+    )
+    merge_prompt_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "With response_groups: the rows of one prompt within a stream block (stream_block_size rows) "
+            "become one group, identical responses computed once (pair data such as UltraFeedback-binarized or "
+            "HelpSteer2-preference with several pairs per prompt)."
+        },
+    )
+    loss_type: str = field(
+        default="bradley_terry",
+        metadata={
+            "help": "'bradley_terry': -log sigmoid(r_better - r_worse [- margin]) over every preference edge, divided "
+            "by the step's edge count (TRL's loss on pairs); 'plackett_luce': the listwise likelihood of each group's "
+            "ranking (tied responses share a place), divided by the step's group count; groups whose labels do not "
+            "form a ranking are dropped (counted). Both over all micro-batches and ranks of a step."
+        },
+    )
+    ties: str = field(
+        default="drop",
+        metadata={
+            "help": "Tied responses (equal scores, a tie label): 'drop' (no loss, as TRL and every other trainer) or "
+            "'tie_model': Davidson's Bradley-Terry extension, P(tie) = nu sqrt(pi_i pi_j) / (pi_i + pi_j + "
+            "nu sqrt(pi_i pi_j)), pi = exp(reward), with nu = tie_strength; ties then count in the step's edges."
+        },
+    )
+    tie_strength: float = field(
+        default=1.0,
+        metadata={"help": "Davidson's nu (> 0) for ties='tie_model': the larger, the likelier a tie at equal rewards "
+                  "(P(tie) = nu / (2 + nu) there). Evaluation counts a tie edge right when a tie is the most likely "
+                  "outcome, |r_i - r_j| < 2 ln nu (so only nu > 1 can predict a tie)."},
+    )
     sparse_last_layer: bool = field(
         default=True,
         metadata={
@@ -249,6 +290,7 @@ class RewardConfig(TrainingArguments):
                 f"RewardConfig.center_rewards_coefficient must be >= 0 (or None to disable), got "
                 f"{self.center_rewards_coefficient}."
             )
+        _check_group_fields(self)
         super().__post_init__()
 
     @cached_property
@@ -259,6 +301,34 @@ class RewardConfig(TrainingArguments):
         if self.ddp_backend == "gloo" and _launched_world_size() > 1:
             init_gloo_group(timeout=self.ddp_timeout_delta)
         return TrainingArguments._setup_devices.func(self)
+
+
+LOSS_TYPES = ("bradley_terry", "plackett_luce")
+TIES = ("drop", "tie_model")
+
+
+def _check_group_fields(args: RewardConfig) -> None:
+    """Validate loss_type / ties / tie_strength and resolve response_groups (None: on when one of them needs it)."""
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"RewardConfig.loss_type must be one of {LOSS_TYPES}, got {args.loss_type!r}.")
+    if args.ties not in TIES:
+        raise ValueError(f"RewardConfig.ties must be one of {TIES}, got {args.ties!r}.")
+    if not args.tie_strength > 0:
+        raise ValueError(f"RewardConfig.tie_strength (Davidson's nu) must be > 0, got {args.tie_strength}.")
+    if args.loss_type == "plackett_luce" and args.ties == "tie_model":
+        raise ValueError("loss_type='plackett_luce' ranks tied responses in one place (Breslow): ties='tie_model' "
+                         "is for loss_type='bradley_terry'; set ties: drop.")
+    needs = [name for name, on in (("loss_type='plackett_luce'", args.loss_type == "plackett_luce"),
+                                   ("ties='tie_model'", args.ties == "tie_model"),
+                                   ("merge_prompt_pairs", args.merge_prompt_pairs)) if on]
+    if args.response_groups is False and needs:
+        raise ValueError(f"{', '.join(needs)} needs response_groups (one forward per prompt's responses): leave "
+                         "response_groups unset or true.")
+    if args.response_groups is None:
+        args.response_groups = bool(needs)
+    if args.response_groups and args.batching != "packed":
+        raise ValueError(f"response_groups ({', '.join(needs) or 'set'}) needs batching='packed' (and token_budget): "
+                         f"got batching={args.batching!r}.")
 
 
 def _launched_world_size() -> int:

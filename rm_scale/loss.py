@@ -50,9 +50,11 @@ def correct_pairs(diff: torch.Tensor) -> torch.Tensor:
     return (diff > 0).to(diff.dtype).sum() + 0.5 * (diff == 0).to(diff.dtype).sum()
 
 
-def total_loss(sums: PairLossSums, *, num_pairs: float | torch.Tensor, center_coef: float | None) -> torch.Tensor:
-    """The training objective for this micro-batch's share of a step over ``num_pairs`` pairs in total."""
-    loss = sums.bt
+def total_loss(sums: PairLossSums, *, num_pairs: float | torch.Tensor, center_coef: float | None,
+               objective: torch.Tensor | None = None) -> torch.Tensor:
+    """The training objective for this micro-batch's share of a step over ``num_pairs`` pairs (or loss units: edges,
+    groups) in total: ``objective`` (default: the pairs' Bradley-Terry sum) plus the centring term."""
+    loss = sums.bt if objective is None else objective
     if center_coef:
         loss = loss + center_coef * sums.center
     return loss / num_pairs
@@ -207,3 +209,24 @@ def best_of_k_correct(rewards: torch.Tensor, group: torch.Tensor, tier: torch.Te
         0, per_group, (best & at_top).to(rewards.dtype))
     scored = top_count == 1
     return (won[scored] / sharing[scored]).sum(), int(scored.sum())
+
+
+def group_loss_sums(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, tie: torch.Tensor, *,
+                    group: torch.Tensor, tier: torch.Tensor, margin: torch.Tensor | None, loss_type: str,
+                    tie_strength: float | None) -> tuple[torch.Tensor, PairLossSums]:
+    """(objective sum, the preference edges as pairs) of a micro-batch of groups (rm_scale.data.collate
+    .pack_group_batch). ``bradley_terry``: over the preference edges, ties by Davidson's model when ``tie_strength``
+    is given (`edge_sums`); ``plackett_luce``: each ranked group's listwise term (groups with tier -1, whose edges do
+    not rank them, add none; margins do not apply). The pairs give accuracy, margins, reward statistics and the
+    centring term, as for pair batches."""
+    pref = ~tie.to(torch.bool)
+    pairs = bradley_terry_sums(rewards[better[pref]], rewards[worse[pref]],
+                               margin=None if margin is None else margin[pref])
+    if loss_type == "plackett_luce":
+        ranked = tier >= 0
+        if not bool(ranked.any()):
+            return rewards.sum() * 0.0, pairs
+        return plackett_luce_sums(rewards[ranked], group[ranked], tier[ranked])[0], pairs
+    if tie_strength is not None:
+        return edge_sums(rewards, better, worse, margin=margin, tie=tie, tie_strength=tie_strength).loss, pairs
+    return pairs.bt, pairs

@@ -143,6 +143,9 @@ def _data(data: DataSpec, args: RewardConfig, tokenizer: Any) -> tuple[Any, Any,
     `data.eval` is files, or `split`: the prompts that `train.eval_fraction` holds out of the training sources.
     """
     report: dict[str, Any] = {}
+    if args.response_groups and not data.streaming:
+        raise ValueError("response_groups (loss_type, ties or merge_prompt_pairs) trains on streamed data: set "
+                         "train.max_steps (data.streaming: auto then streams) or data.streaming: true.")
     if data.streaming:
         if args.resume_from_checkpoint is None:
             require_pairs(stream_config(data.train, args, split="train"), tokenizer)

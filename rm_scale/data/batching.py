@@ -10,7 +10,7 @@ import random
 from itertools import zip_longest
 from typing import Any
 
-from rm_scale.data.formats import group_length, pair_length
+from rm_scale.data.formats import group_cost, group_length, pair_length
 
 
 BATCHING = ("fixed", "length_grouped", "token_budget", "packed")
@@ -62,16 +62,18 @@ def rank_balance(computed: list[list[int]]) -> float:
 
 
 def make_batches(pairs: list[dict[str, Any]], *, batching: str, pairs_per_batch: int, token_budget: int | None,
-                 rng: random.Random, order: random.Random, shared_prefix: bool = False) -> list[list[dict[str, Any]]]:
+                 rng: random.Random, order: random.Random, shared_prefix: bool = False,
+                 groups: bool = False) -> list[list[dict[str, Any]]]:
     """One rank's micro-batches of one block. ``rng`` shuffles the pairs (its draws depend on this rank's pair
     count); ``order`` is the same generator on every rank and orders the batches (see `balanced_order`). Packed
-    with ``shared_prefix``: the budget counts the tokens computed (each pair's shared prefix once)."""
+    with ``shared_prefix``: the budget counts the tokens computed (each pair's shared prefix once). ``groups``: the
+    items are response groups (packed only; ``pairs_per_batch`` then counts groups)."""
     rng.shuffle(pairs)
     if batching == "fixed":
         return [pairs[i : i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
     if batching == "packed":
         sized = _packed_batches(pairs, pairs_per_batch=pairs_per_batch, token_budget=token_budget,
-                                size=group_length if shared_prefix else _pair_tokens)
+                                size=group_cost if groups else group_length if shared_prefix else _pair_tokens)
         batches = [batch for _, batch in sorted(sized, key=lambda x: x[0])]  # by tokens; stable
     else:
         batches = _grouped_batches(pairs, pairs_per_batch=pairs_per_batch,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from rm_scale.data.formats import PRETOKENIZED, common_prefix_length
+from rm_scale.data.groups import edge_margins, ranking_tiers
 
 
 @dataclass
@@ -107,6 +108,45 @@ def pack_groups(pairs: list[dict[str, Any]], *, row_length: int | None, pad_id: 
            "rejected_span": spans[1::2], "packed_pair_tokens": tokens}
     if "margin" in pairs[0]:
         out["margin"] = torch.tensor([float(p["margin"]) for p in pairs], dtype=torch.float)
+    return out
+
+
+def pack_group_batch(groups: list[dict[str, Any]], *, row_length: int | None, pad_id: int) -> dict[str, Any]:
+    """A micro-batch of tokenised response groups (rm_scale.data.groups) for one forward: the packed rows of
+    `pack_response_groups`, each response's ``response_index`` / ``response_span``, and what the loss reads (indices
+    into the batch's responses, group by group): ``edge_better``, ``edge_worse``, ``edge_tie``, ``edge_margin`` (when
+    a group has margins), ``response_group`` and ``response_tier`` (ranking_tiers; -1 for a group whose edges
+    contradict each other), and the counts ``group_edges`` (preferences), ``group_ties`` and ``group_ranked``
+    (groups with more than one tier) that normalise the step's loss."""
+    packed = pack_response_groups([g["input_ids"] for g in groups], row_length=row_length, pad_id=pad_id)
+    better, worse, tie, group, tier, margins = [], [], [], [], [], []
+    offset, ranked, pair_tokens = 0, 0, 0
+    for n, g in enumerate(groups):
+        k = len(g["input_ids"])
+        for i, j, t in g["edges"]:
+            better.append(offset + i)
+            worse.append(offset + j)
+            tie.append(bool(t))
+            pair_tokens += len(g["input_ids"][i]) + len(g["input_ids"][j])
+        margins += edge_margins(g)
+        tiers = ranking_tiers(k, g["edges"])
+        ranked += tiers is not None and len(set(tiers)) > 1
+        tier += tiers if tiers is not None else [-1] * k
+        group += [n] * k
+        offset += k
+    tie_t = torch.tensor(tie, dtype=torch.bool)
+    out = {"packed_input_ids": packed["packed_input_ids"], "packed_position_ids": packed["packed_position_ids"],
+           "packed_groups": packed["packed_groups"], "packed_real_tokens": packed["packed_real_tokens"],
+           "response_index": packed["index"], "response_span": packed["spans"],
+           # what the same preferences cost as independent pairs (both sides whole, unpadded)
+           "packed_pair_tokens": torch.tensor(pair_tokens),
+           "edge_better": torch.tensor(better, dtype=torch.long), "edge_worse": torch.tensor(worse, dtype=torch.long),
+           "edge_tie": tie_t, "response_group": torch.tensor(group, dtype=torch.long),
+           "response_tier": torch.tensor(tier, dtype=torch.long),
+           "group_edges": torch.tensor(int((~tie_t).sum())), "group_ties": torch.tensor(int(tie_t.sum())),
+           "group_ranked": torch.tensor(ranked)}
+    if any("margins" in g or "margin" in g for g in groups):
+        out["edge_margin"] = torch.tensor(margins, dtype=torch.float)
     return out
 
 

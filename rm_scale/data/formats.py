@@ -197,3 +197,9 @@ def group_length(pair: dict[str, Any]) -> int:
     """Tokens a pair costs with its shared prefix computed once."""
     chosen, rejected = pair["input_ids_chosen"], pair["input_ids_rejected"]
     return len(chosen) + len(rejected) - shared_prefix_length(chosen, rejected)
+
+
+def group_cost(group: Mapping[str, Any]) -> int:
+    """Tokens a tokenised group costs in a packed row: the shared prefix once, then each response's own tokens."""
+    seqs = group["input_ids"]
+    return sum(map(len, seqs)) - (len(seqs) - 1) * common_prefix_length(seqs)

@@ -115,3 +115,64 @@ def tokenize_group(group: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
     out = {"input_ids": ids, "edges": [list(e) for e in group["edges"]]}
     out.update({k: group[k] for k in ("margin", "subset") if k in group})
     return out
+
+
+# ---- tokenised groups in the stream (rm_scale.data.stream with response_groups) ------------------------------------
+
+
+def limit_group(group: dict[str, Any], limit: int | None, truncation: str) -> tuple[dict[str, Any] | None, int, str]:
+    """``group`` within ``max_length``: (group or None, responses truncated, why it is unusable). "keep_end" keeps each
+    sequence's last ``limit`` tokens (the response end, where the reward is read); "drop" leaves an over-long response
+    out with its edges, as a pair over max_length is dropped."""
+    seqs = group["input_ids"]
+    if limit is None or all(len(s) <= limit for s in seqs):
+        return group, 0, ""
+    if truncation == "keep_end":
+        return {**group, "input_ids": [s[-limit:] for s in seqs]}, sum(len(s) > limit for s in seqs), ""
+    keep = [k for k, s in enumerate(seqs) if len(s) <= limit]
+    new = {k: n for n, k in enumerate(keep)}
+    edges = [[new[i], new[j], t] for i, j, t in group["edges"] if i in new and j in new]
+    if len(keep) < 2 or not edges:
+        return None, 0, f"longer than max_length={limit}"
+    margins = group.get("margins")
+    out = {**group, "input_ids": [seqs[k] for k in keep], "edges": edges}
+    if margins is not None:
+        out["margins"] = [m for (i, j, _), m in zip(group["edges"], margins) if i in new and j in new]
+    return out, 0, ""
+
+
+def merge_groups(groups: list[dict[str, Any]], key: Any) -> list[dict[str, Any]]:
+    """Groups with the same ``key(group)`` (their prompt) as one group: identical responses (token ids) once, every
+    edge kept. What `merge_prompt_pairs` does to the pair rows of one prompt within a stream block; the first group
+    gives the subset. Order: by each merged group's first appearance."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for g in groups:
+        k = key(g)
+        if k not in merged:
+            merged[k] = {**g, "input_ids": [], "edges": [], "margins": [], "_index": {}, "_margin": False}
+        m = merged[k]
+        where = []
+        for seq in g["input_ids"]:
+            t = tuple(seq)
+            if t not in m["_index"]:
+                m["_index"][t] = len(m["input_ids"])
+                m["input_ids"].append(seq)
+            where.append(m["_index"][t])
+        m["edges"] += [[where[i], where[j], t] for i, j, t in g["edges"]]
+        m["margins"] += edge_margins(g)
+        m["_margin"] = m["_margin"] or "margins" in g or "margin" in g
+    out = []
+    for m in merged.values():
+        if not m.pop("_margin"):
+            del m["margins"]
+        del m["_index"]
+        m.pop("margin", None)
+        out.append(m)
+    return out
+
+
+def edge_margins(group: Mapping[str, Any]) -> list[float]:
+    """Each edge's margin: the group's own per-edge ``margins``, or its row's ``margin`` on every edge, else 0."""
+    if "margins" in group:
+        return list(group["margins"])
+    return [float(group.get("margin", 0.0))] * len(group["edges"])

@@ -25,11 +25,18 @@ from typing import Any
 import torch
 
 from rm_scale.data.batching import check_batching, make_batches
-from rm_scale.data.collate import RewardDataCollatorWithPadding, computed_tokens, pack_groups, pack_pairs
+from rm_scale.data.collate import (
+    RewardDataCollatorWithPadding,
+    computed_tokens,
+    pack_group_batch,
+    pack_groups,
+    pack_pairs,
+)
 from rm_scale.data.formats import pair_length, tokenize_canonical, truncate_pair
+from rm_scale.data.groups import limit_group, merge_groups, ranking_tiers, to_group, tokenize_group
 from rm_scale.data.mapping import ignored_label_columns, matches
 from rm_scale.data.presets import presets_reading
-from rm_scale.data.pairs import GROUP, implicit_prompt, in_eval_split, to_pairs
+from rm_scale.data.pairs import GROUP, implicit_prompt, in_eval_split, prompt_key, to_pairs
 from rm_scale.data.sources import (
     BadRow,
     Source,
@@ -70,6 +77,10 @@ class StreamConfig:
     strict: bool = False  # a bad row raises (file, line, field, fix) instead of being skipped and counted
     truncation: str = "drop"  # over-long pairs: "drop" (counted) or "keep_end" (keep the last max_length tokens)
     shared_prefix: bool = False  # packed: each pair's common prefix once (collate.pack_groups)
+    response_groups: bool = False  # each row's responses as one group (rm_scale.data.groups), not expanded to pairs
+    merge_prompt_pairs: bool = False  # with response_groups: the rows of one prompt within a block as one group
+    listwise: bool = False  # with response_groups: a group's edges must rank its responses (else it is dropped)
+    keep_ties: bool = False  # with response_groups: a group whose edges are all ties is trained on (the tie model)
 
     def __post_init__(self) -> None:
         if not all(isinstance(x, Source) for x in self.sources):
@@ -77,6 +88,9 @@ class StreamConfig:
         check_batching(batching=self.batching, token_budget=self.token_budget, truncation=self.truncation)
         if self.pairs_per_batch < 1 or self.block_size < self.pairs_per_batch:
             raise ValueError("Need 1 <= pairs_per_batch <= block_size.")
+        if self.response_groups and not self.shared_prefix:
+            raise ValueError("response_groups needs batching='packed' with the shared prefix on (a decoder model on "
+                             "'sdpa' attention, packed_attention and shared_prefix not off).")
 
 
 SHARED_ROW_TOKENS = 4096  # the widest row of shared-prefix groups (see PairStream's packing)
@@ -96,6 +110,10 @@ def stream_config(sources: Sequence[Any], args: Any, **overrides: Any) -> Stream
         strict=args.strict_data,
         truncation=args.truncation,
         shared_prefix=packs_shared_prefix(args.batching, getattr(args, "shared_prefix", None)),
+        response_groups=bool(getattr(args, "response_groups", False)),
+        merge_prompt_pairs=bool(getattr(args, "merge_prompt_pairs", False)),
+        listwise=getattr(args, "loss_type", "bradley_terry") == "plackett_luce",
+        keep_ties=getattr(args, "ties", "drop") == "tie_model",
     )
     fields.update(overrides)
     return StreamConfig(**fields)
@@ -229,13 +247,14 @@ class PairStream(torch.utils.data.IterableDataset):
             raw = [row for _, row in zip(range(self.config.block_size), rows)]
             if not raw:
                 break
-            pairs = [p for r in raw for p in self.pairs_of(r)]
+            pairs = self.groups_of(raw) if self.config.response_groups else [p for r in raw for p in self.pairs_of(r)]
             if resumed_stats is not None:  # the resumed block was counted before the checkpoint: not twice
                 self.stats, resumed_stats = resumed_stats, None
             key = f"{self.config.seed}/{epoch}/{block}"
             batches = make_batches(pairs, batching=self.config.batching, pairs_per_batch=self.config.pairs_per_batch,
                                    token_budget=self.config.token_budget, rng=random.Random(key),
-                                   order=random.Random(f"{key}/order"), shared_prefix=self.config.shared_prefix)
+                                   order=random.Random(f"{key}/order"), shared_prefix=self.config.shared_prefix,
+                                   groups=self.config.response_groups)
             for k, batch in enumerate(batches):
                 if k < skip:
                     continue
@@ -245,7 +264,9 @@ class PairStream(torch.utils.data.IterableDataset):
                     # layer stopped copying a row's keys per read token, 2k-16k-token rows cost the same per token).
                     # Plain packed rows may meet the stock sdpa, whose block-diagonal mask is quadratic in the row:
                     # max_length.
-                    if self.config.shared_prefix:
+                    if self.config.response_groups:
+                        out = pack_group_batch(batch, row_length=SHARED_ROW_TOKENS, pad_id=self.tokenizer.pad_token_id)
+                    elif self.config.shared_prefix:
                         out = pack_groups(batch, row_length=SHARED_ROW_TOKENS, pad_id=self.tokenizer.pad_token_id)
                     else:
                         out = pack_pairs(batch, row_length=self.config.max_length, pad_id=self.tokenizer.pad_token_id)
@@ -256,7 +277,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 self.stats.real_tokens += real
                 self.stats.pair_tokens += int(out.get("packed_pair_tokens", real))
                 self.stats.padded_tokens += computed_tokens(out)
-                self.stats.pairs += len(batch)
+                self.stats.pairs += int(out["group_edges"]) if self.config.response_groups else len(batch)
                 if any("subset" in p for p in batch):  # per-subset evaluation accuracy
                     out["_subsets"] = [p.get("subset") for p in batch]
                 out["_state"] = {
@@ -293,6 +314,74 @@ class PairStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"Bad preference row (strict_data): {e}") from None
             self.stats.drop(e.reason)
         return out
+
+    def groups_of(self, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Tokenised response groups of a block's records (`response_groups`), one per row, or one per prompt with
+        `merge_prompt_pairs`; unusable rows and groups are counted by reason (or raise in strict mode)."""
+        groups = []
+        for record in raw:
+            try:
+                group, where = self.canonical_group(record)
+                if group is None:
+                    continue
+                if "drop" in group:
+                    raise BadRow(group["drop"], group.get("detail") or group["drop"], where=where)
+                for reason, n in group.pop("left_out", {}).items():
+                    self.stats.dropped[f"{reason} (response left out)"] = self.stats.dropped.get(
+                        f"{reason} (response left out)", 0) + n
+                groups.append({**tokenize_group(group, self.tokenizer), "_key": prompt_key(group), "_where": where})
+            except BadRow as e:
+                if self.config.strict:
+                    raise ValueError(f"Bad preference row (strict_data): {e}") from None
+                self.stats.drop(e.reason)
+        if self.config.merge_prompt_pairs:
+            groups = merge_groups(groups, key=lambda g: g["_key"])
+        return [g for g in map(self._checked_group, groups) if g is not None]
+
+    def canonical_group(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """The canonical group of one record in this split (None: excluded by ``where`` or in the other split)."""
+        where = record_where(record)
+        rec = {k: v for k, v in record.items() if v is not None}
+        if "row" in rec:
+            rec["row"] = json.loads(rec["row"])
+        row = record_row(rec)
+        mapping = self.config.sources[record["source"]].mapping
+        if mapping.where and not self._keep(row, mapping.where):
+            return None, where
+        group = to_group(row, mapping, where=where)
+        cfg = self.config
+        if cfg.eval_fraction and in_eval_split(group, cfg.eval_fraction, cfg.seed) != (cfg.split == "eval"):
+            return None, where
+        return group, where
+
+    def _checked_group(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        """A tokenised group that can be trained on (identical responses once, within max_length, a consistent
+        ranking when listwise), or None (counted)."""
+        where = group.pop("_where")
+        group.pop("_key")
+        (group,) = merge_groups([group], key=lambda g: 0)  # responses that tokenise alike are one response
+        same = sum(i == j for i, j, _ in group["edges"])
+        if same:
+            self.stats.dropped["identical responses (edge left out)"] = self.stats.dropped.get(
+                "identical responses (edge left out)", 0) + same
+            keep = [n for n, (i, j, _) in enumerate(group["edges"]) if i != j]
+            group["edges"] = [group["edges"][n] for n in keep]
+            if "margins" in group:
+                group["margins"] = [group["margins"][n] for n in keep]
+        fit, truncated, problem = limit_group(group, self.config.max_length, self.config.truncation)
+        self.stats.truncated += truncated
+        if fit is not None and not fit["edges"]:
+            fit, problem = None, "no preference"
+        if fit is not None and not self.config.keep_ties and all(t for _, _, t in fit["edges"]):
+            fit, problem = None, "tie"
+        if fit is not None and self.config.listwise and ranking_tiers(len(fit["input_ids"]), fit["edges"]) is None:
+            fit, problem = None, "inconsistent ranking"
+        if fit is None:
+            if self.config.strict and problem != "tie":
+                raise ValueError(f"Bad preference row (strict_data): {where}: {problem}: drop the row or fix its "
+                                 "labels")
+            self.stats.drop(problem)
+        return fit
 
     def canonical_pairs(self, record: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
         """The canonical pairs (and drop markers) of one record in this split, each with its file:line; BadRow for

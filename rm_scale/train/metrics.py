@@ -15,14 +15,14 @@ import torch
 from transformers.trainer_utils import EvalPrediction
 
 from rm_scale.distributed import all_reduce_max, all_reduce_sum
-from rm_scale.loss import PairLossSums, bradley_terry_sums, correct_pairs, total_loss
+from rm_scale.loss import PairLossSums, best_of_k_correct, bradley_terry_sums, correct_pairs, total_loss
 
 # Training reward histogram: fixed bins (so counts from ranks and steps simply add), plus under- and overflow.
 HIST_EDGES = [x / 2 for x in range(-16, 17)]  # -8.0 .. 8.0 by 0.5
 
 # Order of the per-step metric sums kept on device and reduced once per logging step.
 SUM_KEYS = ("pairs", "bt", "center", "correct", "margin", "chosen", "chosen_sq", "rejected", "rejected_sq",
-            "real_tokens", "padded_tokens", "pair_tokens")
+            "real_tokens", "padded_tokens", "pair_tokens", "objective", "units")
 
 
 class EvalRewards(NamedTuple):
@@ -66,6 +66,36 @@ def pair_set_metrics(rewards: np.ndarray, margin: np.ndarray, subsets: list[str 
     out = {f"{prefix}_loss": loss, f"{prefix}_pairs": float(rewards.shape[0])}
     out.update({f"{prefix}_{k}": v for k, v in compute_reward_metrics(EvalPrediction(rewards, None)).items()})
     return {**out, **_accuracy_by_subset(rewards, subsets, prefix)}
+
+
+def group_set_metrics(groups: list[tuple[list[float], list[int], Any]], ties: list[tuple[float, Any]], *,
+                      prefix: str, tie_strength: float | None) -> dict[str, float]:
+    """Evaluation metrics of response groups beyond their edges' pairwise accuracy: ``<prefix>_best_of_k_accuracy``
+    (groups whose one best response, tier 0 alone, scores above all the others; a shared top reward counts
+    1 / sharers), overall and per subset, over ``<prefix>_groups_ranked`` such groups; ``<prefix>_ties`` and, with the
+    tie model's ``tie_strength`` nu, ``<prefix>_tie_accuracy``: tie edges where a tie is the most likely of Davidson's
+    three outcomes (|gap| < 2 ln nu), and ``<prefix>_tie_gap``: their mean |reward gap|."""
+    out: dict[str, float] = {}
+    if groups:
+        rewards = torch.tensor([r for g in groups for r in g[0]], dtype=torch.float64)
+        tier = torch.tensor([t for g in groups for t in g[1]], dtype=torch.long)
+        which = torch.tensor([n for n, g in enumerate(groups) for _ in g[0]], dtype=torch.long)
+        for name in [None, *sorted({g[2] for g in groups if g[2] is not None})]:
+            keep = torch.ones_like(which, dtype=torch.bool) if name is None else torch.tensor(
+                [groups[n][2] == name for n in which.tolist()])
+            won, scored = best_of_k_correct(rewards[keep], which[keep], tier[keep])
+            if scored:
+                key = f"{prefix}_best_of_k_accuracy" + ("" if name is None else f"_{name}")
+                out[key] = float(won) / scored
+                if name is None:
+                    out[f"{prefix}_groups_ranked"] = float(scored)
+    if ties:
+        gaps = np.array([gap for gap, _ in ties], dtype=np.float64)
+        out[f"{prefix}_ties"] = float(len(gaps))
+        out[f"{prefix}_tie_gap"] = float(gaps.mean())
+        if tie_strength is not None:
+            out[f"{prefix}_tie_accuracy"] = float((gaps < 2 * np.log(tie_strength)).mean())
+    return out
 
 
 def _accuracy_by_subset(rewards: np.ndarray, subsets: list[Any], prefix: str) -> dict[str, float]:
@@ -117,7 +147,9 @@ def pair_metrics(s: dict[str, float], center_coef: float | None) -> dict[str, fl
     }
     if center_coef:
         out["loss_center"] = s["center"] / n
-    out["loss_exact"] = out["loss_bt"] + (center_coef or 0.0) * s["center"] / n
+    # the objective as trained: Bradley-Terry over pairs (or the groups' loss, over their edges or groups)
+    units = max(s["units"], 1.0)
+    out["loss_exact"] = (s["objective"] + (center_coef or 0.0) * s["center"]) / units
     return out
 
 
@@ -138,15 +170,20 @@ class TrainMetrics:
         self._terms_step = -1
         self._last_log_time: float | None = None
 
-    def add_pairs(self, sums: PairLossSums, chosen: torch.Tensor, rejected: torch.Tensor,
-                  tokens: torch.Tensor) -> None:
+    def add_pairs(self, sums: PairLossSums, chosen: torch.Tensor, rejected: torch.Tensor, tokens: torch.Tensor, *,
+                  objective: torch.Tensor | None = None, units: int | None = None) -> None:
+        """One micro-batch's pairs; ``objective`` / ``units``: the loss it trains and its divisor share when that
+        is not the pairs' Bradley-Terry sum (response groups)."""
         chosen, rejected = chosen.detach().float(), rejected.detach().float()
+        objective = sums.bt if objective is None else objective
+        units = sums.num_pairs if units is None else units
         step = torch.stack([
             torch.tensor(float(sums.num_pairs), device=chosen.device),
             sums.bt.detach().float(), sums.center.detach().float(), sums.correct.float(), sums.margin.float(),
             chosen.sum(), (chosen**2).sum(), rejected.sum(), (rejected**2).sum(),
             tokens[0].float().to(chosen.device), tokens[1].float().to(chosen.device),
-            tokens[2].float().to(chosen.device),
+            tokens[2].float().to(chosen.device), objective.detach().float(),
+            torch.tensor(float(units), device=chosen.device),
         ])
         step = torch.cat([step, histogram(chosen), histogram(rejected)])
         self._sums = step if self._sums is None else self._sums + step

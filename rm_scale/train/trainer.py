@@ -38,7 +38,7 @@ from rm_scale.data.stream import (
     stream_config,
 )
 from rm_scale.distributed import all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
-from rm_scale.loss import BatchMoments, GlobalTerms, bradley_terry_sums, global_terms, global_terms_value, total_loss
+from rm_scale.loss import BatchMoments, GlobalTerms, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.card import write_model_card
 from rm_scale.model.contract import scoring_contract, write_contract
@@ -49,19 +49,19 @@ from rm_scale.model.reward import (
     REWARD_STATS_PREFIX,
     base_model,
     disable_dropout,
-    forward_packed_rewards,
-    forward_rewards,
     load_reward_model,
 )
 from rm_scale.train import checkpoint as ckpt
+from rm_scale.train.batch_loss import batch_loss_sums, forward_batch, loss_units
 from rm_scale.train.metrics import (
     EvalRewards,
     TrainMetrics,
     compute_reward_metrics,
+    group_set_metrics,
     pair_set_metrics,
     subset_accuracy,
 )
-from rm_scale.train.stream_eval import EvalRows, LockstepBatches, StreamedEvalSet, gather_rows
+from rm_scale.train.stream_eval import EvalRows, LockstepBatches, StreamedEvalSet, gather_groups, gather_rows
 from rm_scale.train.preemption import PreemptionCallback, TrainingPreempted, exit_on_signal_from_now_on, slurm_requeue
 from rm_scale.train.wandb_logging import STATE_KEY, use_reward_wandb_callback
 
@@ -128,6 +128,10 @@ class RewardTrainer(Trainer):
     def _setup_train_data(self, dataset: Any, tokenizer: Any, args: RewardConfig) -> Any:
         self._data_description = _describe_data(dataset)  # for the model card
         if not isinstance(dataset, PairFiles):
+            if args.response_groups:
+                raise ValueError("response_groups (loss_type, ties or merge_prompt_pairs) reads groups from files: "
+                                 "pass train_dataset=PairFiles([...]) (a data set of pairs is groups of two: train it "
+                                 "with the defaults).")
             return _tokenize(dataset, tokenizer, args, "train")
         if args.dataloader_num_workers > 1:
             raise ValueError(
@@ -183,9 +187,8 @@ class RewardTrainer(Trainer):
         num_items_in_batch: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         is_padding = bool(inputs.pop("_pad", False))
-        chosen, rejected, tokens = pair_rewards(model, inputs)
-        rewards = torch.cat([chosen, rejected])
-        sums = bradley_terry_sums(chosen, rejected, margin=inputs.get("margin"))
+        out = forward_batch(model, inputs)
+        objective, sums = batch_loss_sums(out, inputs, self.args)
         center = self.args.center_rewards_coefficient
         if num_items_in_batch is None:
             if model.training:
@@ -193,21 +196,24 @@ class RewardTrainer(Trainer):
                     "RewardTrainer.compute_loss got no num_items_in_batch in training: transformers no longer passes "
                     "the step's pair count from get_batch_samples. Use the transformers version in constraints.txt."
                 )
-            loss = total_loss(sums, num_pairs=chosen.shape[0], center_coef=center)  # evaluation: this batch's mean
+            # evaluation: this batch's mean
+            loss = total_loss(sums, num_pairs=max(loss_units(inputs, self.args), 1), center_coef=center,
+                              objective=objective)
         else:
             # DeepSpeed and DDP average gradients over ranks; multiplying by the world size undoes that, so the
             # gradient is the one of sum(all pairs) / pairs-in-step, whatever the layout of the job.
-            loss = total_loss(sums, num_pairs=num_items_in_batch, center_coef=center)
+            loss = total_loss(sums, num_pairs=num_items_in_batch, center_coef=center, objective=objective)
             if self._terms.enabled:
-                loss = loss + self._global_terms(rewards, is_padding)
+                loss = loss + self._global_terms(out.rewards, is_padding)
             loss = loss * self.accelerator.num_processes
         if is_padding:
             # A rank whose shard ran out still runs the forward/backward (ZeRO-3 collectives), with weight zero.
             loss = loss * 0.0
         elif model.training:
-            self._metrics.add_pairs(sums, chosen, rejected, tokens)
+            self._metrics.add_pairs(sums, out.chosen, out.rejected, out.tokens, objective=objective,
+                                    units=loss_units(inputs, self.args))
         if return_outputs:
-            return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
+            return loss, {"rewards_chosen": out.chosen, "rewards_rejected": out.rejected}
         return loss
 
     def _global_terms(self, rewards: torch.Tensor, is_padding: bool) -> torch.Tensor:
@@ -274,7 +280,7 @@ class RewardTrainer(Trainer):
         """Pairs in the whole optimizer step: all micro-batches of this rank, summed over ranks. The same collective
         brings every rank's computed (padded) tokens of the step, for `rank_balance`: under ZeRO-3 every collective
         waits for the busiest rank, so mean / busiest is the share of the step that is not waiting."""
-        local = torch.tensor([float(sum(_real_pairs(b) for b in batches)),
+        local = torch.tensor([float(sum(loss_units(b, self.args) for b in batches)),
                               float(sum(computed_tokens(b) for b in batches))], device=device)
         ranks = all_gather_rows(local)  # (world, 2): identical on every rank
         self._metrics.add_balance(ranks[:, 1])
@@ -291,8 +297,7 @@ class RewardTrainer(Trainer):
         with torch.no_grad():
             for batch in batches:
                 inputs = self._prepare_inputs({k: v for k, v in batch.items() if k != "_pad"})
-                chosen, rejected, _ = pair_rewards(self.model_wrapped, inputs)
-                rewards = torch.cat([chosen, rejected]).float()
+                rewards = forward_batch(self.model_wrapped, inputs).rewards.float()
                 if not batch.get("_pad", False):
                     local += torch.stack([torch.tensor(float(rewards.numel()), device=local.device),
                                           rewards.sum(), (rewards * rewards).sum()])
@@ -554,9 +559,9 @@ class RewardTrainer(Trainer):
             subsets = inputs.pop("_subsets", None)
             inputs = self._prepare_inputs(inputs)
             with torch.no_grad(), self.compute_loss_context_manager():
-                chosen, rejected, _ = pair_rewards(model, inputs)
+                out = forward_batch(model, inputs)
             if not is_padding:
-                self._eval_rows.add(chosen, rejected, {**inputs, "_subsets": subsets})
+                self._eval_rows.add(out.rewards, out.chosen, out.rejected, {**inputs, "_subsets": subsets})
             return None, None, None
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -596,6 +601,10 @@ class RewardTrainer(Trainer):
         rewards, margin, subsets = gather_rows(rows)
         output.metrics.update(pair_set_metrics(rewards, margin, subsets, prefix=prefix,
                                                center_coef=self.args.center_rewards_coefficient))
+        if self.args.response_groups:  # best-of-K and ties (a collective: every rank's groups)
+            groups, ties = gather_groups(rows)
+            output.metrics.update(group_set_metrics(groups, ties, prefix=prefix, tie_strength=self.args.tie_strength
+                                                    if self.args.ties == "tie_model" else None))
         # rank 0's first pairs are the first rows of the gathered rewards: the W&B sample table's rows
         self.last_eval = EvalRewards(prefix, rows.samples if self.is_world_process_zero() else None, rewards)
         if self._wandb_callback is not None:
@@ -621,28 +630,6 @@ class RewardTrainer(Trainer):
                 record["rewards_histogram"] = histogram
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def pair_rewards(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen rewards, rejected rewards, [placed tokens, computed tokens, the pairs' tokens]) from ONE forward of a
-    padded or a packed micro-batch (placed = the pairs' tokens unless a shared prefix is computed once)."""
-    if "packed_input_ids" in inputs:
-        ids, pos = inputs["packed_input_ids"], inputs["packed_position_ids"]
-        index = torch.cat([inputs["chosen_index"], inputs["rejected_index"]])
-        spans = torch.cat([inputs["chosen_span"], inputs["rejected_span"]]) if "chosen_span" in inputs else None
-        rewards = forward_packed_rewards(model, ids, pos, index, groups=inputs.get("packed_groups"), spans=spans)
-        real = inputs["packed_real_tokens"].reshape(()).float()
-        pair_tokens = inputs.get("packed_pair_tokens", inputs["packed_real_tokens"]).reshape(()).float()
-    else:
-        ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]], dim=0)
-        mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]], dim=0)
-        rewards = forward_rewards(model, ids, mask)
-        real = mask.sum().float()
-        pair_tokens = real
-    computed = torch.tensor(float(computed_tokens(inputs)), device=real.device)
-    tokens = torch.stack([real, computed, pair_tokens.to(real.device)])
-    n = rewards.shape[0] // 2
-    return rewards[:n], rewards[n:], tokens
 
 
 def _setup_args(args: RewardConfig | None, model: Any) -> RewardConfig:
@@ -749,12 +736,6 @@ def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> An
     if len(dataset) == 0:
         raise ValueError(f"The {name} data set is empty after dropping pairs longer than max_length.")
     return dataset
-
-
-def _real_pairs(batch: Mapping[str, Any]) -> int:
-    if batch.get("_pad", False):
-        return 0
-    return int(batch["chosen_index" if "chosen_index" in batch else "input_ids_chosen"].shape[0])
 
 
 def skipped_rows(reports: list[dict[str, Any]]) -> dict[str, int]:
