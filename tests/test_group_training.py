@@ -229,3 +229,23 @@ def test_group_losses_do_not_change_with_world_size_or_accumulation(tmp_path, lo
     assert one["pairs"] == two["pairs"] == edges - ties  # every group of the file in the one step
     assert abs(one["loss_exact"] - two["loss_exact"]) <= 1e-5
     assert abs(one["grad_norm"] - two["grad_norm"]) <= 1e-4 * max(1.0, one["grad_norm"])
+
+
+def test_rm_scale_eval_groups_scores_the_edges_as_the_pair_path_and_adds_best_of_k(trained_export, tmp_path):
+    """`rm-scale eval --groups` on scored groups: the same pairwise accuracy and rewards as scoring the rows' pairs
+    one pair at a time (each prompt computed once instead), plus best-of-K and the tie edges."""
+    from rm_scale.commands.evaluate import evaluate_model
+
+    rows = group_rows(12)
+    # FineGrained's own layout (question, prediction 1..K) with scores: read without a mapping
+    numbered = [{"question": r["prompt"], **{f"prediction {k + 1}": t for k, t in enumerate(r["responses"])},
+                 "scores": r["scores"], "subset": r["subset"]} for r in rows]
+    path = write(tmp_path / "groups.jsonl", numbered)
+    got = {groups: evaluate_model(str(trained_export), [str(path)], groups=groups, tie_strength=2.0,
+                                  plot_path=str(tmp_path / f"{groups}.png")) for groups in (False, True)}
+    pairs, grouped = got[False], got[True]
+    assert grouped["pairs"] == pairs["pairs"] and grouped["accuracy"] == pytest.approx(pairs["accuracy"], abs=1e-9)
+    assert grouped["rewards_chosen_mean"] == pytest.approx(pairs["rewards_chosen_mean"], abs=1e-5)
+    assert grouped["ties"] == sum(1 for i in range(12) if i % 2 and 2 + i % 3 >= 3)
+    assert 0.0 <= grouped["best_of_k_accuracy"] <= 1.0 and grouped["groups_ranked"] == 12
+    assert set(grouped["subsets"]) == {r["subset"] for r in rows}

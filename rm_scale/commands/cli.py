@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--plot", help="where to write the PNG (default: <model>/reward_eval.png)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.add_argument("--format", help="a data set preset for --data (README, 'Public data sets'), e.g. shp")
+    ev.add_argument("--groups", action="store_true", help="each multi-response row as one group (prompt computed "
+                    "once): accuracy over its edges, best-of-K accuracy, ties (README, 'K responses per prompt')")
+    ev.add_argument("--tie-strength", type=float, help="with --groups: the tie model's nu, to report tie accuracy")
     _score_parsers(sub)
     ins = sub.add_parser("inspect-data", help="what the trainer would see: format, kept/dropped pairs, per-rank "
                          "counts, lengths, padding efficiency")
@@ -90,7 +93,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         from rm_scale.commands.evaluate import run_eval  # lazy: imports torch
 
         return run_eval(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
-                        as_json=args.json, plot_path=args.plot, dtype=args.dtype, data_format=args.format)
+                        as_json=args.json, plot_path=args.plot, dtype=args.dtype, data_format=args.format,
+                        groups=args.groups, tie_strength=args.tie_strength)
     if args.command == "score":
         from rm_scale.commands.score import run_score  # lazy: imports torch
 

@@ -1,6 +1,7 @@
 """`rm-scale eval`: score a trained reward model on preference files, without training.
 
     rm-scale eval --model outputs/run/final --data test.jsonl [--json] [--batch-size 16] [--max-length 1024]
+    rm-scale eval --model outputs/run/final --data ultrafeedback.jsonl --format ultrafeedback --groups
 
 Loads a full model folder or a PEFT adapter folder (`adapter_config.json`; the base model is read from the path the
 adapter names), reads the files as training does (rm_scale.data: formats, `--format` presets, bad rows counted),
@@ -31,12 +32,16 @@ from transformers.trainer_utils import EvalPrediction
 
 from rm_scale.data.collate import RewardDataCollatorWithPadding
 from rm_scale.data.sources import parse_sources
-from rm_scale.data.stream import StreamConfig, materialize_pairs
-from rm_scale.model.reward import forward_rewards, read_reward_stats
+from rm_scale.data.stream import PairStream, StreamConfig, materialize_pairs
+from rm_scale.model.packed_attention import use_packed_attention
+from rm_scale.model.reward import base_model, forward_rewards, read_reward_stats
 from rm_scale.scoring.scorer import load_scoring_model
-from rm_scale.train.metrics import compute_reward_metrics
+from rm_scale.train.batch_loss import forward_batch
+from rm_scale.train.metrics import compute_reward_metrics, group_set_metrics
+from rm_scale.train.stream_eval import EvalRows
 
 PLOT_NAME = "reward_eval.png"
+GROUP_BATCH_TOKENS = 16384  # --groups: tokens per packed forward
 
 
 def score_pairs(model: torch.nn.Module, tokenizer: Any, data: Any, *, batch_size: int) -> np.ndarray:
@@ -58,6 +63,25 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, data: Any, *, batch_size
             out = forward_rewards(model, ids, mask).float().cpu().numpy()
         rewards[idx, 0], rewards[idx, 1] = out[: len(idx)], out[len(idx) :]
     return rewards
+
+
+def score_groups(model: torch.nn.Module, tokenizer: Any, config: StreamConfig) -> tuple[EvalRows, Any]:
+    """Every group of ``config``'s files scored in packed shared-prefix forwards (the prompt once, each response
+    once), as the trainer's evaluation scores them: the pairs (preference edges), groups and tie edges, and the
+    stream's counts."""
+    if not use_packed_attention(base_model(model)):
+        raise ValueError("--groups needs a decoder model on 'sdpa' attention (rm_scale's packed attention); score "
+                         "this model's rows as pairs (without --groups).")
+    device = next(model.parameters()).device
+    stream, rows = PairStream(config, tokenizer, rank=0, world_size=1), EvalRows()
+    for batch in stream:
+        batch.pop("_state", None)
+        subsets = batch.pop("_subsets", None)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.no_grad():
+            out = forward_batch(model, inputs)
+        rows.add(out.rewards, out.chosen, out.rejected, {**batch, "_subsets": subsets})
+    return rows, stream.stats
 
 
 def summarize(rewards: np.ndarray, subsets: Sequence[Any] | None) -> dict[str, Any]:
@@ -128,22 +152,27 @@ def evaluate_model(
     plot_path: str | None = None,
     dtype: str = "float32",
     data_format: str | None = None,
+    groups: bool = False,
+    tie_strength: float | None = None,
 ) -> dict[str, Any]:
     """Score ``model_dir`` on ``data_files`` (read as training reads them: formats, ``data_format`` preset, bad rows
-    skipped and counted); returns the summary (see `summarize`) and writes the PNG."""
+    skipped and counted); returns the summary (see `summarize`) and writes the PNG. ``groups``: each multi-response
+    row as one group (README, 'K responses per prompt'): accuracy over its edges, plus best-of-K and ties
+    (`tie_strength`: the tie model's nu, for tie accuracy)."""
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model {model_dir!r} is not a folder (expected <output_dir>/final or an adapter folder).")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
     model, tokenizer = load_scoring_model(model_dir, dtype=dtype)
     specs = [{"path": f, "format": data_format} if data_format else f for f in data_files]
-    config = StreamConfig(sources=parse_sources(specs), pairs_per_batch=1, max_length=max_length)
-    data, stats = materialize_pairs(config, tokenizer)
-    subsets = data["subset"] if "subset" in data.column_names else None
-    rewards = score_pairs(model, tokenizer, data, batch_size=batch_size)
+    rewards, subsets, stats, extra = _score(model, tokenizer, parse_sources(specs), batch_size=batch_size,
+                                            max_length=max_length, groups=groups, tie_strength=tie_strength)
+    if not len(rewards):
+        raise ValueError(f"No usable preference pair in {', '.join(data_files)}: skipped {stats.dropped}.")
     result: dict[str, Any] = {"model": model_dir, "data": list(data_files), "dropped": sum(stats.dropped.values()),
                               "dropped_by_reason": stats.dropped}
     result.update(summarize(rewards, subsets))
+    result.update(extra)
     saved = read_reward_stats(model_dir)
     if saved:
         result["saved_stats"] = saved
@@ -152,6 +181,23 @@ def evaluate_model(
     write_plot(plot, rewards, accuracy_curves(metrics_file) if metrics_file.exists() else None)
     result["plot"] = str(plot)
     return result
+
+
+def _score(model: torch.nn.Module, tokenizer: Any, sources: list[Any], *, batch_size: int, max_length: int | None,
+           groups: bool, tie_strength: float | None) -> tuple[np.ndarray, Any, Any, dict[str, float]]:
+    """(rewards[:, (chosen, rejected)], subsets or None, stream counts, group metrics) of the files' pairs, or of
+    their groups' preference edges."""
+    if not groups:
+        data, stats = materialize_pairs(StreamConfig(sources=sources, pairs_per_batch=1, max_length=max_length),
+                                        tokenizer)
+        subsets = data["subset"] if "subset" in data.column_names else None
+        return score_pairs(model, tokenizer, data, batch_size=batch_size), subsets, stats, {}
+    config = StreamConfig(sources=sources, pairs_per_batch=batch_size, max_length=max_length, batching="packed",
+                          token_budget=GROUP_BATCH_TOKENS, shared_prefix=True, response_groups=True, keep_ties=True)
+    rows, stats = score_groups(model, tokenizer, config)
+    rewards = np.array([rows.chosen, rows.rejected], dtype=np.float64).T.reshape(-1, 2)
+    subsets = rows.subset if any(s is not None for s in rows.subset) else None
+    return rewards, subsets, stats, group_set_metrics(rows.groups, rows.ties, prefix="", tie_strength=tie_strength)
 
 
 def _text(r: dict[str, Any]) -> str:
@@ -163,6 +209,12 @@ def _text(r: dict[str, Any]) -> str:
         f"rewards   mean {r['rewards_mean']:.4f}  std {r['rewards_std']:.4f}  "
         f"(chosen {r['rewards_chosen_mean']:.4f}, rejected {r['rewards_rejected_mean']:.4f})",
     ]
+    if "best_of_k_accuracy" in r:
+        lines.append(f"best-of-K {r['best_of_k_accuracy']:.4f}  ({int(r['groups_ranked'])} groups with one best "
+                     "response)")
+    if "ties" in r:
+        lines.append(f"ties      {int(r['ties'])}, mean |gap| {r['tie_gap']:.4f}"
+                     + (f", tie accuracy {r['tie_accuracy']:.4f}" if "tie_accuracy" in r else ""))
     if "subsets" in r:
         width = max(len(n) for n in r["subsets"])
         lines.append(f"{'subset':<{width}}  pairs  accuracy")

@@ -145,8 +145,8 @@ class StreamStats:
     warnings: dict[str, str] = field(default_factory=dict)  # per source: a mapping that looks wrong
     unshared_prompts: int = 0  # whole-transcript pairs whose two sides share no beginning (no prompt found)
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
 
 
 class PairStream(torch.utils.data.IterableDataset):
@@ -327,8 +327,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 if "drop" in group:
                     raise BadRow(group["drop"], group.get("detail") or group["drop"], where=where)
                 for reason, n in group.pop("left_out", {}).items():
-                    self.stats.dropped[f"{reason} (response left out)"] = self.stats.dropped.get(
-                        f"{reason} (response left out)", 0) + n
+                    self.stats.drop(f"{reason} (response left out)", n)
                 groups.append({**tokenize_group(group, self.tokenizer), "_key": prompt_key(group), "_where": where})
             except BadRow as e:
                 if self.config.strict:
@@ -341,11 +340,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def canonical_group(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
         """The canonical group of one record in this split (None: excluded by ``where`` or in the other split)."""
         where = record_where(record)
-        rec = {k: v for k, v in record.items() if v is not None}
-        if "row" in rec:
-            rec["row"] = json.loads(rec["row"])
-        row = record_row(rec)
-        mapping = self.config.sources[record["source"]].mapping
+        row, mapping = self._row(record)
         if mapping.where and not self._keep(row, mapping.where):
             return None, where
         group = to_group(row, mapping, where=where)
@@ -362,8 +357,7 @@ class PairStream(torch.utils.data.IterableDataset):
         (group,) = merge_groups([group], key=lambda g: 0)  # responses that tokenise alike are one response
         same = sum(i == j for i, j, _ in group["edges"])
         if same:
-            self.stats.dropped["identical responses (edge left out)"] = self.stats.dropped.get(
-                "identical responses (edge left out)", 0) + same
+            self.stats.drop("identical responses (edge left out)", same)
             keep = [n for n, (i, j, _) in enumerate(group["edges"]) if i != j]
             group["edges"] = [group["edges"][n] for n in keep]
             if "margins" in group:
@@ -387,17 +381,7 @@ class PairStream(torch.utils.data.IterableDataset):
         """The canonical pairs (and drop markers) of one record in this split, each with its file:line; BadRow for
         an unusable row. Rows the source's ``where`` excludes are counted here."""
         where = record_where(record)
-        rec = {k: v for k, v in record.items() if v is not None}
-        if "row" in rec:
-            rec["row"] = json.loads(rec["row"])
-        row = record_row(rec)
-        source = self.config.sources[record["source"]]
-        mapping = source.mapping
-        if record["source"] not in self._checked:
-            self._checked.add(record["source"])
-            warning = self._mapping_warning(row, source)
-            if warning:
-                self.stats.warnings[str(record["source"])] = warning
+        row, mapping = self._row(record)
         if mapping.where and not self._keep(row, mapping.where):
             return []
         cfg = self.config
@@ -408,6 +392,21 @@ class PairStream(torch.utils.data.IterableDataset):
                     pair["chosen"], pair["rejected"]).strip():
                 self.stats.unshared_prompts += 1
         return pairs
+
+    def _row(self, record: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """An upstream record's row (BadRow for an unreadable one) and its source's mapping, checked against the
+        source's first readable row (`_mapping_warning`)."""
+        rec = {k: v for k, v in record.items() if v is not None}
+        if "row" in rec:
+            rec["row"] = json.loads(rec["row"])
+        row = record_row(rec)
+        source = self.config.sources[record["source"]]
+        if record["source"] not in self._checked:
+            self._checked.add(record["source"])
+            warning = self._mapping_warning(row, source)
+            if warning:
+                self.stats.warnings[str(record["source"])] = warning
+        return row, source.mapping
 
     def _mapping_warning(self, row: dict[str, Any], source: Source) -> str:
         """A warning (once per source, on its first readable row) when the mapping ignores a label-like column."""

@@ -76,6 +76,7 @@ def group_set_metrics(groups: list[tuple[list[float], list[int], Any]], ties: li
     tie model's ``tie_strength`` nu, ``<prefix>_tie_accuracy``: tie edges where a tie is the most likely of Davidson's
     three outcomes (|gap| < 2 ln nu), and ``<prefix>_tie_gap``: their mean |reward gap|."""
     out: dict[str, float] = {}
+    pre = f"{prefix}_" if prefix else ""
     if groups:
         rewards = torch.tensor([r for g in groups for r in g[0]], dtype=torch.float64)
         tier = torch.tensor([t for g in groups for t in g[1]], dtype=torch.long)
@@ -85,16 +86,15 @@ def group_set_metrics(groups: list[tuple[list[float], list[int], Any]], ties: li
                 [groups[n][2] == name for n in which.tolist()])
             won, scored = best_of_k_correct(rewards[keep], which[keep], tier[keep])
             if scored:
-                key = f"{prefix}_best_of_k_accuracy" + ("" if name is None else f"_{name}")
-                out[key] = float(won) / scored
+                out[f"{pre}best_of_k_accuracy" + ("" if name is None else f"_{name}")] = float(won) / scored
                 if name is None:
-                    out[f"{prefix}_groups_ranked"] = float(scored)
+                    out[f"{pre}groups_ranked"] = float(scored)
     if ties:
         gaps = np.array([gap for gap, _ in ties], dtype=np.float64)
-        out[f"{prefix}_ties"] = float(len(gaps))
-        out[f"{prefix}_tie_gap"] = float(gaps.mean())
+        out[f"{pre}ties"] = float(len(gaps))
+        out[f"{pre}tie_gap"] = float(gaps.mean())
         if tie_strength is not None:
-            out[f"{prefix}_tie_accuracy"] = float((gaps < 2 * np.log(tie_strength)).mean())
+            out[f"{pre}tie_accuracy"] = float((gaps < 2 * np.log(tie_strength)).mean())
     return out
 
 
