@@ -2,17 +2,19 @@
 question, 6 pairwise labels with ties) with the real model of the benchmark (SmolLM2-135M-Instruct, fp32, 1 process),
 rm_scale's one-forward-per-group training against TRL fed the same rows expanded to pairs.
 
-    python -m bench.groups [--steps 16] [--repeats 2] [--out bench_results/groups]
+    python -m bench.groups [--steps 16] [--repeats 2] [--eval-steps 30] [--passages] [--out bench_results/groups]
 
 - TRL: `trl.RewardTrainer` on the pairs rm_scale's pair path makes of the rows (the question as the user turn, each
-  answer as the assistant turn; ties dropped, as TRL has no tie), 8 pairs per step, padded batches in random order.
+  answer as the assistant turn; ties dropped, as TRL has no tie), 8 pairs per step (4 with ``--passages``: 8 run out
+  of memory on 24 GB), padded batches in random order.
 - rm_scale: `response_groups` (Bradley-Terry over each group's edges), `per_device_train_batch_size` groups per
   step, packed: each question computed once, each answer once.
 Both: the same optimizer (AdamW, lr 1e-5 constant), max_length 512, no dropout, no gradient checkpointing, on the
 train split (80% of the questions by a seeded hash; the other 20% are the held-out set). Each contender runs in its
 own process, alternating, ``--repeats`` times; the first 2 steps are warm-up and not timed. Pairs/s = preference
-edges trained / seconds. With ``--eval``, each contender then scores the held-out pairs (the same model state after
-an equal number of trained pairs: TRL's steps x 8) and reports pairwise accuracy.
+edges trained / seconds. With ``--eval-steps``, each contender then scores the held-out pairs (the same model state after
+an equal number of trained pairs: TRL's steps x its pairs per step) and reports pairwise accuracy. ``--passages``:
+the prompt is the question and its Wikipedia passages (what the FineGrained QA task conditions on), max_length 1536.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ DATA = ROOT.parent / "shared" / "data" / "finegrained-qa-feedback" / "dev_feedba
 WARMUP = 2
 
 
+def _trl_pairs() -> int:
+    """TRL's pairs per step: 8, or 4 with --passages (8 padded ~1,300-token pairs without gradient checkpointing are
+    killed out of memory on a 24 GB machine: measured)."""
+    return int(os.environ.get("BENCH_GROUPS_TRL_PAIRS", "8"))
+
+
 def _common(out: Path, steps: int, batch: int) -> dict[str, Any]:
     return dict(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
                 lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
@@ -47,7 +55,7 @@ def _split(eval_fraction: float = 0.2) -> tuple[Path, list[dict[str, Any]], list
 
     rows = json.loads(DATA.read_text())
     if os.environ.get("BENCH_GROUPS_PASSAGES") == "1":  # the question with its Wikipedia passages, as the task has it
-        rows = [{**r, "question": "\n\n".join([r["question"], *(text for _, text in r["passages"])])} for r in rows]
+        rows = [{**r, "question": "\n\n".join([r["question"], *(" ".join(p[1:]) for p in r["passages"])])} for r in rows]
     path = Path(tempfile.mkdtemp()) / "finegrained.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train, held = [], []
@@ -108,7 +116,7 @@ def run_trl(steps: int, out: Path, evaluate: bool) -> dict[str, Any]:
 
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in train]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    trainer = Timed(model=load_reward_model(str(smollm2_path())), args=RewardConfig(**_common(out, steps, 8)),
+    trainer = Timed(model=load_reward_model(str(smollm2_path())), args=RewardConfig(**_common(out, steps, _trl_pairs())),
                     processing_class=tokenizer, train_dataset=Dataset.from_list(rows), callbacks=[clock.callback()])
     trainer.train()
     result = {**clock.result(), "computed_tokens_per_pair": tokens[1] / max(sum(batch_pairs), 1)}
@@ -202,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="then train TRL this many steps (x 8 pairs) and rm_scale as many pairs, and compare "
                         "held-out accuracy (0: skip)")
     parser.add_argument("--passages", action="store_true", help="the prompt is the question and its passages (as the "
-                        "FineGrained QA task gives them; max_length 1024) instead of the question alone")
+                        "FineGrained QA task gives them; max_length 1536) instead of the question alone")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "groups"))
     args = parser.parse_args(argv)
     if args.passages:  # read by the child processes
-        os.environ.update(BENCH_GROUPS_PASSAGES="1", BENCH_GROUPS_MAX_LENGTH="1024")
+        os.environ.update(BENCH_GROUPS_PASSAGES="1", BENCH_GROUPS_MAX_LENGTH="1536", BENCH_GROUPS_TRL_PAIRS="4")
     if not DATA.is_file():
         print(f"bench.groups: skipped: {DATA} not found")
         return 0
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             result = Path(tempfile.mkdtemp()) / "result.json"
             subprocess.run([sys.executable, "-m", "bench.groups", "--child", "--contender", contender, "--eval",
                             "--steps", str(args.eval_steps), "--groups", str(args.groups),
-                            "--pairs", str(8 * args.eval_steps), "--result", str(result)], cwd=ROOT, check=True)
+                            "--pairs", str(_trl_pairs() * args.eval_steps), "--result", str(result)], cwd=ROOT, check=True)
             got = json.loads(result.read_text())
             report["evaluation"][contender] = {"trained_pairs": sum_pairs(got), "eval_accuracy": got["eval_accuracy"]}
             print(contender, report["evaluation"][contender], flush=True)
@@ -247,7 +255,8 @@ def _report(runs: dict[str, list[dict[str, Any]]], args: Any) -> dict[str, Any]:
 
     trl, ours = rate("trl"), rate("rm_scale")
     return {"steps": args.steps, "groups_per_step": args.groups, "passages": args.passages,
-            "max_length": int(os.environ.get("BENCH_GROUPS_MAX_LENGTH", "512")), "trl_pairs_per_s": trl, "rm_scale_pairs_per_s": ours,
+            "max_length": int(os.environ.get("BENCH_GROUPS_MAX_LENGTH", "512")), "trl_pairs_per_step": _trl_pairs(),
+            "trl_pairs_per_s": trl, "rm_scale_pairs_per_s": ours,
             "speedup": ours / trl, "target": 8.0,
             "computed_tokens_per_pair": {k: sum(r["computed_tokens_per_pair"] for r in v) / len(v)
                                          for k, v in runs.items()},
