@@ -3,7 +3,9 @@ the rows' preferences (a reversed label fails), pairs as groups of two training 
 prompt-merged pairs, the evaluation's best-of-K and tie metrics, and world size x accumulation invariance of each
 group loss under ZeRO-3 (real processes)."""
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +87,54 @@ def test_group_batches_carry_every_response_once_and_each_edge_the_right_way(tin
     # tiers: the row's own chosen answer is the one best response of its group
     b = batches[0]
     assert set(b["response_tier"].tolist()) >= {0, 1}
+
+
+@pytest.mark.parametrize("cut", [1, 3])
+def test_a_resumed_group_stream_continues_with_exactly_the_same_batches(tiny_dir, tmp_path, cut):
+    """The resume state of a group stream (rank 1 of 2, several blocks) survives JSON and gives the uninterrupted
+    run's batches, and its counts are not counted twice."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    path = write(tmp_path / "g.jsonl", group_rows(30))
+
+    def fresh():
+        return PairStream(StreamConfig(sources=[{"path": str(path), "columns": COLUMNS}], pairs_per_batch=2,
+                                       batching="packed", token_budget=4096, block_size=4, shared_prefix=True,
+                                       response_groups=True, max_length=512), tok, rank=1, world_size=2)
+
+    full = list(fresh())
+    resumed = fresh()
+    resumed.load_state_dict(json.loads(json.dumps(full[cut - 1]["_state"])))
+    rest = list(resumed)
+    assert len(rest) == len(full) - cut
+    for x, y in zip(rest, full[cut:]):
+        for key in ("packed_input_ids", "edge_better", "edge_worse", "edge_tie", "response_tier"):
+            assert torch.equal(x[key], y[key]), key
+    assert rest[-1]["_state"]["stats"] == full[-1]["_state"]["stats"]
+
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base" / "pairs.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH.is_file(), reason=f"{HH} not found (the shared real data)")
+def test_whole_transcript_pairs_split_and_merge_by_their_implicit_prompt(tiny_dir, tmp_path):
+    """hh-rlhf rows have no prompt column: as groups they are held out, and merged, by the prompt their two
+    transcripts share -- the same train/eval split as the pair path, and never one group of different prompts."""
+    from rm_scale.data.pairs import prompt_key, to_pairs
+    from rm_scale.data.mapping import parse_mapping
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    rows = [json.loads(line) for line in gzip.open(HH, "rt")][:80]
+    rows += rows[:10]  # the same prompts again: merged with their first copies
+    path = write(tmp_path / "hh.jsonl", rows)
+    kw = dict(sources=[str(path)], max_length=None, eval_fraction=0.3)
+    for split in ("train", "eval"):
+        pair_stream = PairStream(StreamConfig(sources=[str(path)], pairs_per_batch=4, max_length=None,
+                                              eval_fraction=0.3, split=split), tok, rank=0, world_size=1)
+        pairs = sum(int(b["input_ids_chosen"].shape[0]) for b in pair_stream)
+        assert sum(int(b["group_edges"]) for b in stream(path, tok, split=split, **kw)) == pairs > 0
+    merged = list(stream(path, tok, merge_prompt_pairs=True, max_length=None, sources=[str(path)], block_size=128))
+    prompts = {prompt_key(to_pairs(r, parse_mapping(None))[0]) for r in rows}
+    assert sum(len(set(b["response_group"].tolist())) for b in merged) == len(prompts)
 
 
 def test_pairs_as_groups_of_two_train_exactly_as_pairs(tiny_dir, tmp_path):
@@ -249,3 +299,37 @@ def test_rm_scale_eval_groups_scores_the_edges_as_the_pair_path_and_adds_best_of
     assert grouped["ties"] == sum(1 for i in range(12) if i % 2 and 2 + i % 3 >= 3)
     assert 0.0 <= grouped["best_of_k_accuracy"] <= 1.0 and grouped["groups_ranked"] == 12
     assert set(grouped["subsets"]) == {r["subset"] for r in rows}
+
+
+def test_score_margins_follow_the_score_gap_on_pairs_groups_and_group_batches(tiny_dir, tmp_path):
+    """`score_margin: c` with scores: each pair's margin is c x its score gap, the same on the pair path, in a
+    group's edges and in the packed group batch (raw UltraFeedback: 4 completions, two of them tied)."""
+    from rm_scale.data.groups import to_group
+    from rm_scale.data.mapping import parse_mapping
+    from rm_scale.data.pairs import to_pairs
+    from rm_scale.data.presets import PRESETS
+
+    columns = {**PRESETS["ultrafeedback"]["columns"], "score_margin": 0.5}
+
+    def completion(text, score):
+        return {"response": text, "overall_score": score, "model": "m", "principle": "helpfulness"}
+
+    row = {"source": "evol_instruct", "instruction": DEMO[1]["prompt"],
+           "completions": [completion(DEMO[1]["chosen"], 8.0), completion(DEMO[1]["rejected"], 3.0),
+                           completion(DEMO[2]["chosen"], 8.0), completion(DEMO[2]["rejected"], 6.0)]}
+    mapping = parse_mapping(columns)
+    pairs = {(p["chosen"][-1]["content"], p["rejected"][-1]["content"]): p["margin"]
+             for p in to_pairs(row, mapping) if "drop" not in p}
+    assert pairs[(DEMO[1]["chosen"], DEMO[1]["rejected"])] == 2.5 and pairs[(DEMO[2]["rejected"],
+                                                                            DEMO[1]["rejected"])] == 1.5
+    group = to_group(row, mapping)
+    texts = [r[-1]["content"] for r in group["responses"]]
+    for (i, j, tie), margin in zip(group["edges"], group["margins"]):
+        assert margin == (0.0 if tie else pairs[(texts[i], texts[j])])
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    path = write(tmp_path / "uf.jsonl", [row])
+    (batch,) = list(stream(path, tok, sources=[{"path": str(path), "columns": columns}]))
+    pref = ~batch["edge_tie"]
+    assert sorted(batch["edge_margin"][pref].tolist()) == sorted(pairs.values())
+    with pytest.raises(ValueError, match="score_margin must be a number > 0"):
+        parse_mapping({**columns, "score_margin": -1})

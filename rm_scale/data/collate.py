@@ -127,7 +127,7 @@ def pack_group_batch(groups: list[dict[str, Any]], *, row_length: int | None, pa
             better.append(offset + i)
             worse.append(offset + j)
             tie.append(bool(t))
-            pair_tokens += len(g["input_ids"][i]) + len(g["input_ids"][j])
+            pair_tokens += 0 if t else len(g["input_ids"][i]) + len(g["input_ids"][j])
         margins += edge_margins(g)
         tiers = ranking_tiers(k, g["edges"])
         ranked += tiers is not None and len(set(tiers)) > 1
@@ -138,7 +138,7 @@ def pack_group_batch(groups: list[dict[str, Any]], *, row_length: int | None, pa
     out = {"packed_input_ids": packed["packed_input_ids"], "packed_position_ids": packed["packed_position_ids"],
            "packed_groups": packed["packed_groups"], "packed_real_tokens": packed["packed_real_tokens"],
            "response_index": packed["index"], "response_span": packed["spans"],
-           # what the same preferences cost as independent pairs (both sides whole, unpadded)
+           # what the same preferences cost as independent pairs (both sides whole, unpadded; ties are no pair)
            "packed_pair_tokens": torch.tensor(pair_tokens),
            "edge_better": torch.tensor(better, dtype=torch.long), "edge_worse": torch.tensor(worse, dtype=torch.long),
            "edge_tie": tie_t, "response_group": torch.tensor(group, dtype=torch.long),

@@ -24,6 +24,7 @@ from rm_scale.data.pairs import (
     copy_extras,
     read_responses,
     response_mapping,
+    response_scores,
     row_errors,
     to_pairs,
     usable_text,
@@ -42,11 +43,16 @@ def to_group(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") ->
             raise BadRow("not text", "pre-tokenised rows (token id columns) cannot be read as groups yet; give the "
                          "text, or train them as pairs", where=where)
         extras = {k: pair[k] for k in ("margin", "subset") if k in pair}
-        return {"prompt": pair["prompt"], "responses": [pair["chosen"], pair["rejected"]], "edges": [[0, 1, 0]],
+        return {"prompt": pair.get("prompt"), "responses": [pair["chosen"], pair["rejected"]], "edges": [[0, 1, 0]],
                 **extras}
     with row_errors(where):
         base, texts, winners, first = read_responses(row, m, where)
-    return _group(base, texts, winners, first, m, where)
+        scores = response_scores(row, m)
+    group = _group(base, texts, winners, first, m, where)
+    if scores is not None and "drop" not in group:  # margins from score gaps (score_margin), edge by edge
+        group["margins"] = [m.score_margin * abs(scores[i] - scores[j]) for i, j in group.pop("_original")]
+    group.pop("_original", None)
+    return group
 
 
 def _group(base: dict[str, Any], texts: list[Any], winners: list[tuple[int | None, Any]], first: Mapping[str, Any],
@@ -55,7 +61,7 @@ def _group(base: dict[str, Any], texts: list[Any], winners: list[tuple[int | Non
     left_out = Counter({"empty field": usable.count(False)} if not all(usable) else {})
     kept = [k for k, ok in enumerate(usable) if ok]
     new = {k: n for n, k in enumerate(kept)}
-    edges = []
+    edges, original = [], []
     for good, bad in winners:
         i, j = bad if good is None else (good, bad)
         if i not in new or j not in new:
@@ -64,15 +70,26 @@ def _group(base: dict[str, Any], texts: list[Any], winners: list[tuple[int | Non
             left_out["identical responses"] += 1
             continue
         edges.append([new[i], new[j], int(good is None)])
+        original.append((i, j))
     if len(kept) < 2:
         return {**base, "drop": "fewer than 2 responses", "detail": f"{len(kept)} usable response(s) of {len(texts)}"}
     if not edges:
         return {**base, "drop": "no preference", "detail": "no two usable responses are compared"}
-    group = {**base, "responses": [assistant_turn(texts[k]) for k in kept], "edges": edges}
+    group = {**base, "responses": [assistant_turn(texts[k]) for k in kept], "edges": edges, "_original": original}
     copy_extras(first, m, group, where)
     if left_out:
         group["left_out"] = dict(left_out)
     return group
+
+
+def keyed_like_pair(group: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What identifies a group's prompt (for `pairs.prompt_key` and `pairs.in_eval_split`): the group itself, or, for
+    a pair row without a prompt (whole transcripts or conversations), the pair its two responses are, whose prompt
+    is their shared beginning -- so a group lands on the same train/eval side as the pair path puts its pair."""
+    if group.get("prompt") is not None:
+        return group
+    first, second = group["responses"][:2]
+    return {"chosen": first, "rejected": second}
 
 
 def ranking_tiers(k: int, edges: Sequence[Sequence[int]]) -> list[int] | None:
@@ -113,7 +130,7 @@ def tokenize_group(group: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
     through the chat template."""
     ids = responses_ids(group.get("prompt"), group["responses"], tokenizer, **template_kwargs(group))
     out = {"input_ids": ids, "edges": [list(e) for e in group["edges"]]}
-    out.update({k: group[k] for k in ("margin", "subset") if k in group})
+    out.update({k: group[k] for k in ("margin", "margins", "subset") if k in group})
     return out
 
 

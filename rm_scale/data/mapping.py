@@ -12,7 +12,9 @@ A source's ``columns:`` (or a named preset, `rm_scale.data.presets`) says where 
   ``higher_is_better: false`` for ranks);
 - ``response`` + ``scores`` + ``group_by``: one response per row, adjacent rows with the same ``group_by`` value
   form one prompt's responses (HelpSteer2's ratings);
-- ``margin``, ``subset``: columns passed on; ``where`` (on the source): keep only rows that match;
+- ``margin``, ``subset``: columns passed on; ``score_margin: c`` (with ``scores``): each pair's margin is c x its
+  score gap (Llama 2's margin from rating differences), in place of a margin column; ``where`` (on the source): keep
+  only rows that match;
 - ``transcript: true``: the prompt is an Anthropic-style transcript (``"\n\nHuman: ...\n\nAssistant:"``), split
   into turns.
 
@@ -39,7 +41,8 @@ LABEL_CODINGS = {
     "sign_first_positive": "> 0: the first is better, < 0: the second, 0: a tie",
 }
 MAPPING_KEYS = ("prompt", "system", "transcript", "chosen", "rejected", "responses", "response", "label",
-                "label_coding", "votes", "pair_labels", "scores", "higher_is_better", "group_by", "margin", "subset")
+                "label_coding", "votes", "pair_labels", "scores", "higher_is_better", "group_by", "margin", "subset",
+                "score_margin")
 WHERE_OPS = ("not", "in", "not_in", "at_least", "at_most")
 
 
@@ -63,6 +66,7 @@ class RowMapping:
     group_by: str | None = None
     margin: str | None = None
     subset: str | None = None
+    score_margin: float | None = None  # margin = score_margin x |score gap| (needs scores)
     where: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,6 +109,10 @@ def parse_mapping(columns: Mapping[str, Any] | None, where: Mapping[str, Any] | 
 
 
 def _check(m: RowMapping, source: str) -> None:
+    if m.score_margin is not None and (not m.scores or isinstance(m.score_margin, bool)
+                                       or not isinstance(m.score_margin, (int, float)) or not m.score_margin > 0):
+        raise ValueError(f"{source}: columns.score_margin must be a number > 0 (the margin per unit of score gap) "
+                         f"and needs columns.scores; got score_margin={m.score_margin!r}, scores={m.scores!r}.")
     if m.label_coding is not None and m.label_coding not in LABEL_CODINGS:
         raise ValueError(f"{source}: label_coding {m.label_coding!r} is not one of {sorted(LABEL_CODINGS)}: "
                          + "; ".join(f"{k}: {v}" for k, v in LABEL_CODINGS.items()))

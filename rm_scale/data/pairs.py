@@ -124,6 +124,8 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
             return {"prompt": pair["prompt"], "drop": "tie"}
         if good < bad:
             return {"prompt": pair["prompt"], "drop": "chosen scored below rejected"}
+        if m.score_margin:
+            pair["margin"] = m.score_margin * float(good - bad)
     return pair
 
 
@@ -181,6 +183,7 @@ def transcript_messages(text: str) -> list[dict[str, str]]:
 def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[dict[str, Any]]:
     """N responses with a label naming the better one, votes, pairwise labels (pairs i<j in order) or scores."""
     base, texts, winners, first = read_responses(row, m, where)
+    scores = response_scores(row, m)
     pairs = []
     for good, bad in winners:
         if good is None:  # a tie between the two responses of ``bad``
@@ -194,8 +197,20 @@ def _response_pairs(row: Mapping[str, Any], m: RowMapping, where: str) -> list[d
         else:
             pair = {**base, "chosen": assistant_turn(texts[good]), "rejected": assistant_turn(texts[bad])}
             copy_extras(first, m, pair, where)
+            if scores is not None:
+                pair["margin"] = m.score_margin * abs(scores[good] - scores[bad])
             pairs.append(pair)
     return pairs
+
+
+def response_scores(row: Mapping[str, Any], m: RowMapping) -> list[float] | None:
+    """Each response's score, when the mapping turns score gaps into margins (``score_margin``); read after `_edges`
+    checked that the scores are finite numbers, one per response."""
+    if not m.score_margin or not m.scores:
+        return None
+    rows = row[GROUP] if GROUP in row else [row]
+    scores = [get_value(r, m.scores) for r in rows] if m.response else get_list(rows[0], m.scores)
+    return [float(x) for x in scores]
 
 
 def usable_text(text: Any) -> bool:

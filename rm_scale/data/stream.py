@@ -33,7 +33,14 @@ from rm_scale.data.collate import (
     pack_pairs,
 )
 from rm_scale.data.formats import pair_length, tokenize_canonical, truncate_pair
-from rm_scale.data.groups import limit_group, merge_groups, ranking_tiers, to_group, tokenize_group
+from rm_scale.data.groups import (
+    keyed_like_pair,
+    limit_group,
+    merge_groups,
+    ranking_tiers,
+    to_group,
+    tokenize_group,
+)
 from rm_scale.data.mapping import ignored_label_columns, matches
 from rm_scale.data.presets import presets_reading
 from rm_scale.data.pairs import GROUP, implicit_prompt, in_eval_split, prompt_key, to_pairs
@@ -328,7 +335,8 @@ class PairStream(torch.utils.data.IterableDataset):
                     raise BadRow(group["drop"], group.get("detail") or group["drop"], where=where)
                 for reason, n in group.pop("left_out", {}).items():
                     self.stats.drop(f"{reason} (response left out)", n)
-                groups.append({**tokenize_group(group, self.tokenizer), "_key": prompt_key(group), "_where": where})
+                groups.append({**tokenize_group(group, self.tokenizer), "_key": prompt_key(keyed_like_pair(group)),
+                               "_where": where})
             except BadRow as e:
                 if self.config.strict:
                     raise ValueError(f"Bad preference row (strict_data): {e}") from None
@@ -345,7 +353,8 @@ class PairStream(torch.utils.data.IterableDataset):
             return None, where
         group = to_group(row, mapping, where=where)
         cfg = self.config
-        if cfg.eval_fraction and in_eval_split(group, cfg.eval_fraction, cfg.seed) != (cfg.split == "eval"):
+        if cfg.eval_fraction and in_eval_split(keyed_like_pair(group), cfg.eval_fraction, cfg.seed) != (
+                cfg.split == "eval"):
             return None, where
         return group, where
 
