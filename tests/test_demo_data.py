@@ -1,5 +1,6 @@
 """The demo pairs (rm_scale/data/demo_data): the shipped files are the generator's output, and the preferences are
-properties to learn: subsets present, sides of balanced length, no side picked by length, eval topics disjoint."""
+properties to learn: subsets present, sides of balanced length, no side picked by length, eval topics disjoint. The
+ties are equally right answers, read as tie edges by the recipe's sources, with held-out topics."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
+from transformers import AutoTokenizer
 
 from rm_scale.data.demo_data import make
+from rm_scale.data.stream import PairStream, StreamConfig, materialize_pairs
+from rm_scale.data.sources import parse_sources
 
 HERE = Path(make.__file__).parent
 
@@ -24,9 +29,10 @@ def splits():
     return {split: _shipped(split) for split in ("train", "eval")}
 
 
-def test_shipped_files_are_the_generators_output(splits):
-    for split, seed in (("train", 0), ("eval", 1)):
-        assert splits[split] == make.make_pairs(split, seed=seed), f"{split}.jsonl: rerun python -m {make.__name__}"
+def test_shipped_files_are_the_generators_output():
+    for name, rows in make.outputs().items():
+        shipped = [json.loads(line) for line in (HERE / name).read_text(encoding="utf-8").splitlines()]
+        assert shipped == rows, f"{name}: rerun python -m {make.__name__}"
 
 
 def test_every_subset_is_present_in_both_splits(splits):
@@ -76,3 +82,77 @@ def test_eval_topics_are_disjoint_from_train_topics(splits):
     facts = {f[0] for f in make.FACTS[-make.EVAL_FACTS:]}
     train_text = " ".join(r["prompt"] for r in splits["train"])
     assert not any(question in train_text for question in facts)  # no held-out fact appears in any train subset
+
+
+def _ties(split: str) -> list[dict]:
+    return [json.loads(line) for line in (HERE / f"ties_{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_ties_are_equally_right_answers_worded_differently():
+    for split in ("train", "eval"):
+        rows = _ties(split)
+        assert Counter(r["subset"] for r in rows) == {s: make.TIES_PER_SUBSET[split] for s in make.TIE_SUBSETS}
+        for r in rows:
+            assert r["score_chosen"] == r["score_rejected"] and r["chosen"] != r["rejected"], r
+            if r["subset"] == "units":  # the right amount on both sides: n x the unit's own factor
+                n, factor = next((int(re.search(rf"(\d+) {a}\b", r["prompt"]).group(1)), f) for a, b, f in make.UNITS
+                                 if re.search(rf"\d+ {a}\b", r["prompt"]) and re.search(rf"\b{b}\b", r["prompt"]))
+                right = n * factor
+                assert all(re.findall(r"\d+", side)[-1] == str(right) for side in (r["chosen"], r["rejected"])), r
+            else:  # consistent: every slot value either side names is the one the user stated
+                said = {w for w in re.findall(r"[A-Za-z]+", r["prompt"]) if any(w in v for v in make.SLOTS.values())}
+                for side in (r["chosen"], r["rejected"]):
+                    named = {w for w in re.findall(r"[A-Za-z]+", side) if any(w in v for v in make.SLOTS.values())}
+                    assert named and named <= said, (side, said)
+        longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in rows if r["subset"] == "consistency")
+        assert 0.25 <= longer / make.TIES_PER_SUBSET[split] <= 0.75  # the full answer on either side
+
+
+def test_tie_topics_are_held_out_from_training():
+    for subset in make.TIE_SUBSETS:
+        topics = {split: {_topic(r) for r in _ties(split) if r["subset"] == subset} for split in ("train", "eval")}
+        assert topics["eval"] and not topics["eval"] & topics["train"], (subset, topics)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return yaml.safe_load((HERE.parents[2] / "recipes" / "demo.yaml").read_text())
+
+
+def test_recipe_reads_ties_as_tie_edges_rendered_as_the_pairs_are(recipe, tiny_dir):
+    """Through the recipe's own sources (ultrafeedback_binarized's columns), each tie row is a group with one tie
+    edge, its text joined to the prompt as the TRL-format pairs are; the pairs stay preference edges."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert recipe["train"]["ties"] == "tie_model" and recipe["train"]["tie_strength"] > 1
+    config = StreamConfig(sources=parse_sources(recipe["data"]["eval"]), pairs_per_batch=64, batching="packed",
+                          token_budget=8192, shared_prefix=True, response_groups=True, keep_ties=True,
+                          max_length=None, read_once=True)
+    edges, stream = Counter(), PairStream(config, tok, rank=0, world_size=1)
+    def read(text):  # the text as the tokeniser gives it back (the tiny one spaces its word pieces)
+        return tok.decode(tok(text).input_ids, skip_special_tokens=True)
+
+    expected = {(read(r["prompt"] + r["chosen"]), read(r["prompt"] + r["rejected"])): 1 for r in _ties("eval")}
+    expected.update({(read(r["prompt"] + r["chosen"]), read(r["prompt"] + r["rejected"])): 0
+                     for r in _shipped("eval")})
+    for batch in stream:
+        for i, j, tie in zip(batch["edge_better"].tolist(), batch["edge_worse"].tolist(), batch["edge_tie"].tolist()):
+            texts = [tok.decode(_sequence_ids(batch, k), skip_special_tokens=True) for k in (i, j)]
+            key = tuple(texts) if tuple(texts) in expected else tuple(reversed(texts))
+            assert expected.pop(key) == tie, (texts, tie)  # each row once, a tie only where the scores are equal
+            edges[tie] += 1
+    assert not expected and edges == {0: len(_shipped("eval")), 1: len(_ties("eval"))}
+
+
+def _sequence_ids(batch, k):
+    """Response ``k``'s whole sequence (its group's prompt, then itself) read back from the packed row."""
+    from rm_scale.train.stream_eval import _span_ids  # the helper the evaluation decodes sample tables with
+
+    return _span_ids(batch["packed_input_ids"], batch["response_index"][k], batch["response_span"][k])
+
+
+def test_ties_are_counted_not_trained_without_the_tie_model(recipe, tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    sources = parse_sources(recipe["data"]["eval"])
+    data, stats = materialize_pairs(StreamConfig(sources=sources, pairs_per_batch=1, max_length=None,
+                                                 read_once=True), tok)
+    assert len(data) == len(_shipped("eval")) and stats.dropped == {"tie": len(_ties("eval"))}

@@ -84,6 +84,21 @@ def test_pku_saferlhf_and_trl_pairs_are_groups_of_two():
                      "subset": "s"}
 
 
+def test_ultrafeedback_binarized_equal_scores_are_a_tie_edge_and_a_dropped_pair():
+    def row(good, bad):
+        chat = [{"role": "user", "content": "Say hi."}]
+        return {"prompt": "Say hi.", "prompt_id": "p0", "messages": chat + [{"role": "assistant", "content": "Hi!"}],
+                "chosen": chat + [{"role": "assistant", "content": "Hi!"}],
+                "rejected": chat + [{"role": "assistant", "content": "Hello."}], "score_chosen": good,
+                "score_rejected": bad}
+
+    mapping = _preset("ultrafeedback_binarized")
+    assert _decoded(to_group(row(8.0, 8.0), mapping)) == [("Hi!", "Hello.", 1)]
+    assert _decoded(to_group(row(8.0, 6.5), mapping)) == [("Hi!", "Hello.", 0)]
+    assert [p.get("drop") for p in to_pairs(row(8.0, 8.0), mapping)] == ["tie"]  # the pair path: counted, not read
+    assert "drop" in to_group(row(6.0, 8.0), mapping)  # chosen scored below rejected stays a bad row
+
+
 @pytest.mark.skipif(not (SHARED / "finegrained-qa-feedback").exists(), reason="../shared/data is absent")
 def test_finegrained_rows_as_published_keep_all_four_answers_and_their_ties():
     rows = json.loads((SHARED / "finegrained-qa-feedback" / "dev_feedback.json").read_text())[:50]

@@ -167,6 +167,15 @@ def test_sources_mix_by_weight_and_every_source_is_seen(files, tok):
     assert small > 4  # the small source was sampled more than once through
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_read_once_reads_every_source_whole_exactly_once(files, tok, world):
+    """Evaluation sets: sources one after the other, each row once whatever the weights (sampling would count a
+    small source's rows several times), split across ranks without overlap."""
+    sources = [{"path": files[1], "weight": 4.0}, {"path": files[2], "weight": 1.0}]
+    ids = [i for rank in range(world) for i in _ids(list(_stream(sources, tok, rank, world, read_once=True)), tok)]
+    assert sorted(ids) == list(range(9, 24))
+
+
 @pytest.mark.skipif(not HH.exists(), reason=f"real data not found at {HH} (shared/data beside the checkout)")
 def test_length_grouping_cuts_padding_on_hh_rlhf(tok):
     """Padding efficiency (real / computed tokens) on real hh-rlhf transcripts: grouped batching beats plain."""

@@ -64,28 +64,35 @@ def _env(out: Path) -> dict[str, str]:
     return env
 
 
-def _eval_file() -> str:
+def _eval_file(name: str = "rm_scale:demo/eval") -> str:
     from rm_scale.data.sources import resolve_files  # lazy, as above
 
-    return resolve_files(["rm_scale:demo/eval"])[0]
+    return resolve_files([name])[0]
 
 
 def _rescore(out: Path) -> dict[str, Any]:
-    """`rm-scale eval` on the held-out pairs: the saved model's per-subset accuracy, and the PNG."""
+    """`rm-scale eval --groups` on the recipe's held-out pairs and ties: the saved model's per-subset accuracy, tie
+    accuracy under the recipe's tie_strength, and the PNG."""
     import torch  # lazy, as above
+    import yaml  # lazy, as above
 
     from rm_scale.commands.evaluate import evaluate_model  # lazy, as above
 
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
     torch.set_num_threads(os.cpu_count() or 1)  # the training ranks are gone: this process has every core
-    return evaluate_model(str(out / "final"), [_eval_file()], batch_size=32)
+    return evaluate_model(str(out / "final"), recipe["data"]["eval"], batch_size=32, groups=True,
+                          tie_strength=recipe["train"].get("tie_strength"))
 
 
 def _examples(out: Path) -> list[tuple[str, str, list[tuple[str, float]]]]:
-    """The first held-out prompt of each of EXAMPLE_SUBSETS, its two responses scored by the saved model."""
+    """The first held-out prompt of each of EXAMPLE_SUBSETS and one held-out tie, their two responses scored by the
+    saved model."""
     from rm_scale.scoring.scorer import RewardScorer  # lazy, as above
 
     rows = [json.loads(line) for line in open(_eval_file())]
     picked = [next(r for r in rows if r["subset"] == s) for s in EXAMPLE_SUBSETS]
+    tie = json.loads(open(_eval_file("rm_scale:demo/ties_eval")).readline())
+    picked.append({**tie, "subset": f"tie, {tie['subset']}"})
     scorer = RewardScorer(str(out / "final"))
     prompts = [r["prompt"] for r in picked for _ in range(2)]
     responses = [r[side] for r in picked for side in ("chosen", "rejected")]
@@ -104,6 +111,9 @@ def summary(out: Path, metrics: dict[str, Any], rescored: dict[str, Any],
              f"the saved model re-scored: {rescored['accuracy']:.3f})"]
     for name, sub in rescored.get("subsets", {}).items():
         lines.append(f"    {name:<16}  {sub['accuracy']:.3f}  ({sub['pairs']} pairs)")
+    if rescored.get("ties"):
+        lines.append(f"  held-out ties       {rescored['tie_accuracy']:.3f} of {int(rescored['ties'])} scored as a tie "
+                     f"(|reward gap| < 2 ln nu; mean |gap| {rescored['tie_gap']:.2f})")
     if train:
         mean = lambda key: sum(r[key] for r in train) / len(train)  # noqa: E731
         lines.append(f"  speed               {mean('pairs_per_s'):.2f} pairs/s, padding efficiency "

@@ -145,7 +145,7 @@ def run_eval(model_dir: str, data_files: Sequence[str], *, as_json: bool = False
 
 def evaluate_model(
     model_dir: str,
-    data_files: Sequence[str],
+    data_files: Sequence[Any],
     *,
     batch_size: int = 16,
     max_length: int | None = None,
@@ -168,7 +168,7 @@ def evaluate_model(
     rewards, subsets, stats, extra = _score(model, tokenizer, parse_sources(specs), batch_size=batch_size,
                                             max_length=max_length, groups=groups, tie_strength=tie_strength)
     if not len(rewards):
-        raise ValueError(f"No usable preference pair in {', '.join(data_files)}: skipped {stats.dropped}.")
+        raise ValueError(f"No usable preference pair in {', '.join(map(str, data_files))}: skipped {stats.dropped}.")
     result: dict[str, Any] = {"model": model_dir, "data": list(data_files), "dropped": sum(stats.dropped.values()),
                               "dropped_by_reason": stats.dropped}
     result.update(summarize(rewards, subsets))
@@ -188,12 +188,13 @@ def _score(model: torch.nn.Module, tokenizer: Any, sources: list[Any], *, batch_
     """(rewards[:, (chosen, rejected)], subsets or None, stream counts, group metrics) of the files' pairs, or of
     their groups' preference edges."""
     if not groups:
-        data, stats = materialize_pairs(StreamConfig(sources=sources, pairs_per_batch=1, max_length=max_length),
-                                        tokenizer)
+        data, stats = materialize_pairs(StreamConfig(sources=sources, pairs_per_batch=1, max_length=max_length,
+                                                     read_once=True), tokenizer)
         subsets = data["subset"] if "subset" in data.column_names else None
         return score_pairs(model, tokenizer, data, batch_size=batch_size), subsets, stats, {}
     config = StreamConfig(sources=sources, pairs_per_batch=batch_size, max_length=max_length, batching="packed",
-                          token_budget=GROUP_BATCH_TOKENS, shared_prefix=True, response_groups=True, keep_ties=True)
+                          token_budget=GROUP_BATCH_TOKENS, shared_prefix=True, response_groups=True, keep_ties=True,
+                          read_once=True)
     rows, stats = score_groups(model, tokenizer, config)
     rewards = np.array([rows.chosen, rows.rejected], dtype=np.float64).T.reshape(-1, 2)
     subsets = rows.subset if any(s is not None for s in rows.subset) else None

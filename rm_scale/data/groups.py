@@ -37,13 +37,14 @@ def to_group(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") ->
     m = response_mapping(row, mapping)
     if m is None:
         (pair,) = to_pairs(row, mapping, where=where)
-        if "drop" in pair:
+        tie = pair.get("drop") == "tie" and "chosen" in pair  # a two-score row with equal scores: one tie edge
+        if "drop" in pair and not tie:
             return pair
         if "chosen" not in pair:
             raise BadRow("not text", "pre-tokenised rows (token id columns) cannot be read as groups yet; give the "
                          "text, or train them as pairs", where=where)
         extras = {k: pair[k] for k in ("margin", "subset") if k in pair}
-        return {"prompt": pair.get("prompt"), "responses": [pair["chosen"], pair["rejected"]], "edges": [[0, 1, 0]],
+        return {"prompt": pair.get("prompt"), "responses": [pair["chosen"], pair["rejected"]], "edges": [[0, 1, int(tie)]],
                 **extras}
     with row_errors(where):
         base, texts, winners, first = read_responses(row, m, where)

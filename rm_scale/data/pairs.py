@@ -108,8 +108,9 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
     system = get_value(row, m.system) if m.system else None
     if isinstance(sides["chosen"], list):  # messages: a text prompt becomes the user turn
         pair = {"prompt": _message_prompt(prompt, system, sides["chosen"]), **sides}
-    elif m.is_empty or (prompt is None and not system):
-        # TRL's text format: prompt + response as given, or whole transcripts (implicit prompt)
+    elif not renames_text(m) or (prompt is None and not system):
+        # TRL's text format: prompt + response as given, or whole transcripts (implicit prompt); a mapping that only
+        # adds labels (scores: [score_chosen, score_rejected]) keeps it, so its rows render as the same text rows
         pair = {"prompt": prompt, **sides}
     else:
         pair = {"prompt": _prompt_messages(prompt, system, m), "chosen": assistant_turn(sides["chosen"]),
@@ -120,13 +121,18 @@ def _one_pair(row: Mapping[str, Any], m: RowMapping, where: str) -> dict[str, An
         if not (is_finite_number(good) and is_finite_number(bad)):
             raise BadRow("bad labels", f"scores {list(m.scores)} must be numbers, got {good!r} and {bad!r}",
                          where=where, field_name=m.scores[0])
-        if good == bad:
-            return {"prompt": pair["prompt"], "drop": "tie"}
+        if good == bad:  # the sides stay in the marker: a group (ties: tie_model) trains on the tie
+            return {**pair, "drop": "tie"}
         if good < bad:
             return {"prompt": pair["prompt"], "drop": "chosen scored below rejected"}
         if m.score_margin:
             pair["margin"] = m.score_margin * float(good - bad)
     return pair
+
+
+def renames_text(m: RowMapping) -> bool:
+    """Whether a mapping names the prompt or response columns (its rows then become conversations)."""
+    return bool(m.prompt or m.system or m.transcript or m.chosen or m.rejected)
 
 
 def _message_prompt(prompt: Any, system: str | None, chosen: list[Mapping[str, Any]]) -> list[dict[str, Any]] | None:

@@ -23,7 +23,8 @@ from typing import Any
 from rm_scale.data.mapping import RowMapping, parse_mapping
 from rm_scale.data.presets import preset_mapping
 
-DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl"}
+DEMO_DATA = {"rm_scale:demo/train": "train.jsonl", "rm_scale:demo/eval": "eval.jsonl",
+             "rm_scale:demo/ties_train": "ties_train.jsonl", "rm_scale:demo/ties_eval": "ties_eval.jsonl"}
 HUB = "hub:"  # "hub:org/name", "hub:org/name@split" (default split: train), "hub:org/name:config@split"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 

@@ -88,6 +88,7 @@ class StreamConfig:
     merge_prompt_pairs: bool = False  # with response_groups: the rows of one prompt within a block as one group
     listwise: bool = False  # with response_groups: a group's edges must rank its responses (else it is dropped)
     keep_ties: bool = False  # with response_groups: a group whose edges are all ties is trained on (the tie model)
+    read_once: bool = False  # several sources one after the other, each row once (evaluation); weights do not apply
 
     def __post_init__(self) -> None:
         if not all(isinstance(x, Source) for x in self.sources):
@@ -136,7 +137,7 @@ def eval_stream_config(files: PairFiles, args: Any, **overrides: Any) -> StreamC
     """The StreamConfig of an evaluation set: the pairs that `eval_fraction` holds out of ``files`` (``held_out``),
     else every pair of them."""
     split = {"split": "eval"} if files.held_out else {"split": "train", "eval_fraction": 0.0}
-    return stream_config(files.files, args, **split, **overrides)
+    return stream_config(files.files, args, **split, read_once=True, **overrides)
 
 
 @dataclass
@@ -207,7 +208,7 @@ class PairStream(torch.utils.data.IterableDataset):
     # -- upstream -------------------------------------------------------------------------------------------------
 
     def _upstream(self, epoch: int) -> Any:
-        from datasets import Features, IterableDataset, Value, interleave_datasets
+        from datasets import Features, IterableDataset, Value, concatenate_datasets, interleave_datasets
         from datasets.distributed import split_dataset_by_node
 
         features = Features({"file": Value("string"), "line": Value("int64"), "text": Value("string"),
@@ -225,6 +226,8 @@ class PairStream(torch.utils.data.IterableDataset):
             weights.append(source.weight)
         if len(parts) == 1:
             return parts[0]
+        if self.config.read_once:  # evaluation: sampling by weight would count a small source's rows several times
+            return concatenate_datasets(parts)
         total = sum(weights)
         # Weights are sampling probabilities; the pass ends once every source has been seen whole at least once
         # (small or heavy sources repeat within it).

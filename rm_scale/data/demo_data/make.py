@@ -11,6 +11,11 @@ instruction makes the longer side the better one just as often). Four subsets:
 - ``facts``: a true statement against the same statement naming another topic's answer (another capital,
   animal sound, colour or number of legs): what the pretrained model knows, read out.
 
+Ties (ties_train.jsonl, ties_eval.jsonl, in UltraFeedback-binarized's columns with equal ``score_chosen`` and
+``score_rejected``): two answers that are equally right, worded differently (a conversion in two phrasings; a
+consistent answer in full or only its conclusion). A tie model (`ties: tie_model`) learns to give them equal rewards,
+i.e. that the wording does not matter where the correctness is the same.
+
 Eval topics are disjoint from train topics (other facts, templates and amounts), so held-out accuracy
 measures generalisation, not memorisation. Deterministic: `python -m rm_scale.data.demo_data.make` rewrites the
 same files (a test checks it).
@@ -22,11 +27,15 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 SUBSETS = ("instructions", "consistency", "units", "facts")
 PER_SUBSET = {"train": 120, "eval": 32}
 EVAL_FACTS = 10  # the last facts, templates and operands are held out
+TIE_SUBSETS = ("units", "consistency")
+TIES_PER_SUBSET = {"train": 24, "eval": 12}
+TIE_SCORE = 1.0  # both sides' score in the ties files (equal scores: a tie)
 
 # (question, one-word answer, English sentence, French sentence)
 FACTS = [
@@ -204,6 +213,27 @@ def _facts(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
                "rejected": answer.format(**fill, v=wrong)}
 
 
+def _unit_ties(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
+    values = [7, 8, 9] if held_out else [2, 3, 4, 5, 6]
+    while True:
+        frm, to, factor = rng.choice(UNITS)
+        n = rng.choice(values)
+        first, second = rng.sample(UNIT_ANSWERS, 2)
+        fill = {"n": n, "frm": frm, "to": to, "v": n * factor}
+        yield {"prompt": _prompt(rng.choice(UNIT_QUESTIONS).format(**fill)), "chosen": first.format(**fill),
+               "rejected": second.format(**fill)}
+
+
+def _consistency_ties(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
+    templates = CONSISTENCY[-HELD_OUT_TEMPLATES:] if held_out else CONSISTENCY[:-HELD_OUT_TEMPLATES]
+    while True:
+        question, answer, slot = rng.choice(templates)
+        x = rng.choice(SLOTS[slot])
+        sides = [answer.format(x=x, y=x), "S" + answer[answer.index(", so ") + 3 :].format(x=x, y=x)]
+        rng.shuffle(sides)  # the longer side first as often as second
+        yield {"prompt": _prompt(question.format(x=x)), "chosen": sides[0], "rejected": sides[1]}
+
+
 MAKERS: dict[str, Callable[[random.Random, bool], Iterator[dict[str, str]]]] = {
     "instructions": _instructions, "consistency": _consistency, "units": _units, "facts": _facts,
 }
@@ -225,10 +255,35 @@ def make_pairs(split: str, *, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+TIE_MAKERS = {"units": _unit_ties, "consistency": _consistency_ties}
+
+
+def make_ties(split: str, *, seed: int) -> list[dict[str, Any]]:
+    """``TIES_PER_SUBSET[split]`` distinct ties of each of TIE_SUBSETS, shuffled; eval topics held out as above."""
+    rng = random.Random(seed)
+    rows = []
+    for subset in TIE_SUBSETS:
+        made, seen = TIE_MAKERS[subset](rng, split == "eval"), set()
+        while len(seen) < TIES_PER_SUBSET[split]:
+            pair = next(made)
+            key = (pair["prompt"], pair["chosen"], pair["rejected"])
+            if key not in seen:
+                seen.add(key)
+                rows.append({**pair, "score_chosen": TIE_SCORE, "score_rejected": TIE_SCORE, "subset": subset})
+    rng.shuffle(rows)
+    return rows
+
+
+def outputs() -> dict[str, list[dict[str, Any]]]:
+    """Each shipped file's rows."""
+    return {"train.jsonl": make_pairs("train", seed=0), "eval.jsonl": make_pairs("eval", seed=1),
+            "ties_train.jsonl": make_ties("train", seed=2), "ties_eval.jsonl": make_ties("eval", seed=3)}
+
+
 def main() -> None:
-    for split, seed in (("train", 0), ("eval", 1)):
-        with open(HERE / f"{split}.jsonl", "w") as f:
-            for row in make_pairs(split, seed=seed):
+    for name, rows in outputs().items():
+        with open(HERE / name, "w") as f:
+            for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
