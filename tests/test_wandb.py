@@ -10,9 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from launch import launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
+from launch import ROOT, launch_config, metrics, run_train, tiny_ds_config, tiny_recipe
 from rm_scale.data import RewardDataCollatorWithPadding, prepare_dataset
 from rm_scale.model import forward_rewards
 from rm_scale.commands.recipe import load_preference_files
@@ -218,3 +219,23 @@ def test_run_group_prefers_env_then_slurm(monkeypatch):
     assert run_group() == "rm-70"
     monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-3")
     assert run_group() == "sweep-3"
+
+
+@pytest.mark.slow
+def test_group_evaluation_metrics_reach_wandb_as_metrics_jsonl(tmp_path):
+    """The demo recipe's data (pairs + ties in UltraFeedback-binarized columns) under the tie model: best-of-K and
+    the tie metrics of each evaluation reach the W&B run with the values metrics.jsonl has."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    path, _ = tiny_recipe(tmp_path, data=recipe["data"], max_steps=2, eval_strategy="steps", eval_steps=1,
+                          report_to=["wandb"], per_device_train_batch_size=8, per_device_eval_batch_size=16,
+                          batching="packed", token_budget=1024, ties="tie_model", tie_strength=2.0)
+    out = tmp_path / "out"
+    run_train(path, ["--output_dir", str(out)], extra_env={"WANDB_DIR": str(tmp_path / "wb")})
+    (run_file,) = run_files(tmp_path / "wb")
+    logged = {h["train/global_step"]: h for h in _rows(read_run(run_file)["history"], "eval/best_of_k_accuracy")}
+    rows = {r["step"]: r for r in metrics(out) if "eval_best_of_k_accuracy" in r}
+    assert sorted(logged) == sorted(rows) == [1, 2]
+    for step, row in rows.items():
+        assert row["eval_ties"] == 24 and row["eval_groups_ranked"] == EVAL_PAIRS  # each held-out row once
+        for key in ("best_of_k_accuracy", "best_of_k_accuracy_units", "ties", "tie_gap", "tie_accuracy"):
+            assert logged[step][f"eval/{key}"] == row[f"eval_{key}"], (step, key)

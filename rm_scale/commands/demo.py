@@ -112,8 +112,10 @@ def summary(out: Path, metrics: dict[str, Any], rescored: dict[str, Any],
     for name, sub in rescored.get("subsets", {}).items():
         lines.append(f"    {name:<16}  {sub['accuracy']:.3f}  ({sub['pairs']} pairs)")
     if rescored.get("ties"):
+        # tie accuracy alone is 1.0 for an untrained model (every reward alike): the gap beside the pairs' shows it
         lines.append(f"  held-out ties       {rescored['tie_accuracy']:.3f} of {int(rescored['ties'])} scored as a tie "
-                     f"(|reward gap| < 2 ln nu; mean |gap| {rescored['tie_gap']:.2f})")
+                     f"(|reward gap| < 2 ln nu): mean |gap| {rescored['tie_gap']:.2f}, against "
+                     f"{rescored['margin']:.2f} from a rejected to a preferred answer")
     if train:
         mean = lambda key: sum(r[key] for r in train) / len(train)  # noqa: E731
         lines.append(f"  speed               {mean('pairs_per_s'):.2f} pairs/s, padding efficiency "
