@@ -156,3 +156,18 @@ def test_ties_are_counted_not_trained_without_the_tie_model(recipe, tiny_dir):
     data, stats = materialize_pairs(StreamConfig(sources=sources, pairs_per_batch=1, max_length=None,
                                                  read_once=True), tok)
     assert len(data) == len(_shipped("eval")) and stats.dropped == {"tie": len(_ties("eval"))}
+
+
+def test_demo_fails_loudly_when_preferences_or_ties_are_not_learned(tmp_path):
+    from rm_scale.commands.demo import MIN_ACCURACY, _not_learned, summary
+
+    learned = {"pairs": 128, "accuracy": 0.83, "margin": 2.55, "ties": 24.0, "tie_gap": 0.25, "tie_accuracy": 1.0,
+               "subsets": {"units": {"accuracy": 0.81, "pairs": 32}}, "plot": str(tmp_path / "p.png")}
+    assert _not_learned(0.83, learned) is None
+    assert "did not learn the preferences" in _not_learned(MIN_ACCURACY - 0.01, learned)
+    # an untrained model: every reward alike, so every tie "scored as a tie" and no margin
+    assert "tie model" in _not_learned(0.83, {**learned, "margin": 0.0, "tie_gap": 0.007})
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"pairs_per_s": 2.2, "padding_efficiency": 1.0,
+                                                        "prefix_sharing": 1.5}) + "\n")
+    text = summary(tmp_path, {"eval_accuracy": 0.83}, learned, [("units", "User: Q\nAssistant:", [("A.", 1.5)])])
+    assert "held-out ties       1.000 of 24" in text and "against 2.55" in text and "2.20 pairs/s" in text

@@ -202,6 +202,22 @@ def test_listwise_drops_groups_whose_labels_are_not_a_ranking(tiny_dir, tmp_path
     assert sum(int(b["group_ranked"]) for b in pl) == 1 and pl.stats.dropped == {"inconsistent ranking": 1}
 
 
+def test_margins_under_plackett_luce_are_refused_with_the_fix(tiny_dir, tmp_path):
+    """Plackett-Luce has no margin term: a margin column or score_margin would be silently ignored, so it is an
+    error naming the row and the two ways out."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    path = write(tmp_path / "m.jsonl", [{"prompt": "What sound does a cow make?", "chosen": "A cow moos.",
+                                                  "rejected": "A cow barks.", "margin": 1.0}])
+    assert sum(int(b["group_edges"]) for b in stream(path, tok, sources=[{"path": str(path)}])) == 1  # bradley_terry
+    with pytest.raises(ValueError, match=r"m\.jsonl:1.*plackett_luce.*bradley_terry"):
+        list(stream(path, tok, sources=[{"path": str(path)}], listwise=True))
+    scored = write(tmp_path / "s.jsonl", [{"q": "What sound does a cow make?", "scores": [3, 2, 1],
+                                                  "answers": ["A cow moos.", "A cow howls.", "A cow barks."]}])
+    columns = {"prompt": "q", "responses": "answers", "scores": "scores", "score_margin": 0.5}
+    with pytest.raises(ValueError, match="no margin term"):
+        list(stream(scored, tok, sources=[{"path": str(scored), "columns": columns}], listwise=True))
+
+
 def test_pair_rows_of_one_prompt_merge_into_one_group(tiny_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     p = "User: What sound does a cow make?\nAssistant: "

@@ -106,6 +106,32 @@ def test_a_trl_grpo_reward_function(export):
     assert standard == pytest.approx(scorer.score(["a b e", "c d f"]), abs=1e-6)
 
 
+def test_a_real_trl_grpo_run_rewards_its_completions_with_the_scorer(export, tmp_path):
+    """GRPOTrainer (TRL 1.16) trains a tiny policy for one step with ``reward_funcs=[scorer]``: the rewards it logged
+    for each generated completion are the scorer's offline rewards of that prompt + completion."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tiny import make_tiny_model_dir
+
+    policy_dir = make_tiny_model_dir(tmp_path / "policy", seed=1)
+    scorer = RewardScorer(str(export))
+    prompts = Dataset.from_list([{"prompt": "User: name a colour\nAssistant:"}, {"prompt": "User: 2 + 2 ?\nAssistant:"}])
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4,
+                      num_generations=2, max_completion_length=6, learning_rate=1e-3, logging_steps=1,
+                      report_to="none", use_cpu=True, save_strategy="no", seed=0)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy_dir), reward_funcs=[scorer], args=args,
+                          train_dataset=prompts, processing_class=AutoTokenizer.from_pretrained(policy_dir))
+    trainer.train()
+    logs = trainer._logs  # TRL keeps the last generation batch: prompts, completions, each reward function's rewards
+    assert len(logs["prompt"]) == 4 and set(logs["rewards"]) == {"rm_scale_reward"}
+    offline = scorer.score(list(logs["prompt"]), list(logs["completion"]))
+    assert list(logs["rewards"]["rm_scale_reward"]) == pytest.approx(offline, abs=1e-5)
+    logged = [h for h in trainer.state.log_history if "rewards/rm_scale_reward/mean" in h]
+    assert logged and logged[0]["rewards/rm_scale_reward/mean"] == pytest.approx(sum(offline) / 4, abs=1e-5)
+
+
 def test_normalize_uses_the_saved_statistics(export):
     raw, norm = RewardScorer(str(export)), RewardScorer(str(export), normalize=True)
     contract = raw.contract

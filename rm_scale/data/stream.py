@@ -366,6 +366,10 @@ class PairStream(torch.utils.data.IterableDataset):
         ranking when listwise), or None (counted)."""
         where = group.pop("_where")
         group.pop("_key")
+        if self.config.listwise and ("margin" in group or "margins" in group):
+            raise ValueError(f"{where}: the row has a margin (a margin column, or score_margin in the mapping), but "
+                             "loss_type='plackett_luce' has no margin term: use loss_type='bradley_terry' (margins "
+                             "apply to its edges) or drop the margin.")
         (group,) = merge_groups([group], key=lambda g: 0)  # responses that tokenise alike are one response
         same = sum(i == j for i, j, _ in group["edges"])
         if same:
