@@ -2,7 +2,8 @@
 
 The only module that touches the Accelerator / DeepSpeed engine. Per step it runs ONE forward over chosen and rejected
 concatenated (under ZeRO-3 every forward all-gathers every parameter: two forwards would double that traffic), and it
-divides the loss once by the number of pairs in the whole optimizer step, counted across micro-batches and ranks.
+divides the loss once by the whole optimizer step's count, across micro-batches and ranks: its pairs (response groups:
+its preference edges, plus tie edges under the tie model, or its ranked groups under Plackett-Luce; batch_loss.py).
 
 transformers hooks it relies on (tests/test_trainer.py fails if transformers stops calling them): `get_batch_samples`
 (the step's pair count), `_save_checkpoint` (atomic commit), `_save_rng_state` (each rank's data position), `_save`
