@@ -318,9 +318,7 @@ def _check_group_fields(args: RewardConfig) -> None:
     if args.loss_type == "plackett_luce" and args.ties == "tie_model":
         raise ValueError("loss_type='plackett_luce' ranks tied responses in one place (Breslow): ties='tie_model' "
                          "is for loss_type='bradley_terry'; set ties: drop.")
-    needs = [name for name, on in (("loss_type='plackett_luce'", args.loss_type == "plackett_luce"),
-                                   ("ties='tie_model'", args.ties == "tie_model"),
-                                   ("merge_prompt_pairs", args.merge_prompt_pairs)) if on]
+    needs = group_needs(args.loss_type, args.ties, args.merge_prompt_pairs)
     if args.response_groups is False and needs:
         raise ValueError(f"{', '.join(needs)} needs response_groups (one forward per prompt's responses): leave "
                          "response_groups unset or true.")
@@ -329,6 +327,14 @@ def _check_group_fields(args: RewardConfig) -> None:
     if args.response_groups and args.batching != "packed":
         raise ValueError(f"response_groups ({', '.join(needs) or 'set'}) needs batching='packed' (and token_budget): "
                          f"got batching={args.batching!r}.")
+
+
+def group_needs(loss_type: str, ties: str, merge_prompt_pairs: bool) -> list[str]:
+    """The settings that need response groups (one forward per prompt's responses); unset response_groups follows
+    them."""
+    return [name for name, on in (("loss_type='plackett_luce'", loss_type == "plackett_luce"),
+                                  ("ties='tie_model'", ties == "tie_model"),
+                                  ("merge_prompt_pairs", merge_prompt_pairs)) if on]
 
 
 def _launched_world_size() -> int:

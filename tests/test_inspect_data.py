@@ -125,3 +125,31 @@ def test_no_usable_pair_is_a_non_zero_exit_in_inspect_and_dry_run(tmp_path, tok_
     dry = subprocess.run([sys.executable, "-m", "rm_scale", "train", "--config", str(recipe), "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True)
     assert dry.returncode == 2 and "No usable preference pair" in dry.stderr and "2 missing field" in dry.stderr
+
+
+def test_a_group_recipe_is_inspected_as_it_trains(tmp_path, tok_dir):
+    """The demo's held-out ties (UltraFeedback-binarized columns, equal scores) under the demo recipe's `ties:
+    tie_model`: tie edges trained, every row a group of two -- not "0 pairs, dropped: tie" and exit 1, as the pair
+    path reports them (and as it reports them under `ties: drop`)."""
+    import yaml
+
+    demo = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    recipe = tmp_path / "groups.yaml"
+
+    def write(ties):
+        recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(tok_dir)}, "data": {"train": [
+            {"path": "rm_scale:demo/ties_eval", "format": "ultrafeedback_binarized"}]}, "train": {
+            **demo["train"], "ties": ties, "output_dir": str(tmp_path / "out")}}))
+
+    write("tie_model")
+    proc = _inspect("--config", recipe, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["groups"] == {"groups": 24, "responses": 48, "preference_edges": 0, "tie_edges": 24}
+    assert report["pairs_kept"] == 0 and report["pairs_dropped"] == {}
+    assert "24 (48 responses, each computed once): 0 preference edges (the pairs kept), 24 tie edges trained" in (
+        _inspect("--config", recipe).stdout)
+    write("drop")
+    proc = _inspect("--config", recipe, "--json")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1 and "groups" not in report and report["pairs_dropped"] == {"tie": 24}

@@ -13,6 +13,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from rm_scale.commands.recipe import load_recipe, resolve_model_path
+from rm_scale.config import group_needs
 from rm_scale.data.batching import rank_balance
 from rm_scale.data.collate import computed_tokens
 from rm_scale.data.formats import detect_format, tokenize_canonical
@@ -79,6 +80,11 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
         for batch in stream:
             batches += 1
             computed[-1].append(computed_tokens(batch))
+            if "response_index" in batch:  # response groups: each response's prefix + own tokens
+                _count_groups(report, batch)
+                index, spans = batch["response_index"], batch["response_span"]
+                lengths.extend((spans[:, 1] - spans[:, 0] + index[:, 1] - spans[:, 2] + 1).tolist())
+                continue
             for side in ("chosen", "rejected"):
                 if "packed_position_ids" in batch:  # a sequence's length is its last position + 1
                     index = batch[f"{side}_index"]
@@ -105,7 +111,9 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
     pct = (50, 90, 99, 100)
     report["length_percentiles"] = dict(zip(map(str, pct), np.percentile(lengths, pct).astype(int).tolist())) if lengths else {}
     if config.batching != "fixed":
-        baseline = dataclasses.replace(config, batching="fixed")
+        # fixed batches of pairs (what the same rows cost as TRL batches them): no groups, no shared prefix
+        baseline = dataclasses.replace(config, batching="fixed", shared_prefix=False, response_groups=False,
+                                       merge_prompt_pairs=False, listwise=False, keep_ties=False)
         base = [PairStream(baseline, tokenizer, rank=r, world_size=world_size) for r in range(world_size)]
         for stream in base:
             for _ in stream:
@@ -115,10 +123,22 @@ def inspect(config: StreamConfig, tokenizer: Any, *, world_size: int) -> dict[st
     return report
 
 
+def _count_groups(report: dict[str, Any], batch: dict[str, Any]) -> None:
+    groups = report.setdefault("groups", {"groups": 0, "responses": 0, "preference_edges": 0, "tie_edges": 0})
+    groups["groups"] += int(batch["response_group"].max()) + 1 if len(batch["response_group"]) else 0
+    groups["responses"] += len(batch["response_group"])
+    groups["preference_edges"] += int(batch["group_edges"])
+    groups["tie_edges"] += int(batch["group_ties"])
+
+
 def print_report(report: dict[str, Any]) -> None:
     print(f"sources:  {report['sources']}")
     print(f"formats:  {report['formats']}")
     print(f"pairs kept: {report['pairs_kept']}   dropped: {sum(report['pairs_dropped'].values())}")
+    if "groups" in report:
+        g = report["groups"]
+        print(f"response groups: {g['groups']} ({g['responses']} responses, each computed once): "
+              f"{g['preference_edges']} preference edges (the pairs kept), {g['tie_edges']} tie edges trained")
     for reason, n in sorted(report["pairs_dropped"].items(), key=lambda kv: -kv[1]):
         print(f"  {n:8d}  {reason}")
     print(f"per rank (world size {report['world_size']}):")
@@ -158,19 +178,33 @@ def run_inspect(paths: Sequence[str], *, model: str, world_size: int, pairs_per_
         max_length, batching = train.get("max_length", max_length), train.get("batching", batching)
         token_budget, strict = train.get("token_budget", token_budget), train.get("strict_data", strict)
         shared_prefix = train.get("shared_prefix", shared_prefix)
+        groups = _group_fields(train)
+    else:
+        groups = {}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     ensure_pad_token(tokenizer)
     sources = [s for spec in paths for s in parse_sources(spec)]
     config = StreamConfig(sources=sources, pairs_per_batch=pairs_per_batch, max_length=max_length,
                           batching=batching, token_budget=token_budget, strict=strict,
-                          shared_prefix=packs_shared_prefix(batching, shared_prefix))
+                          shared_prefix=packs_shared_prefix(batching, shared_prefix), **groups)
     report = inspect(config, tokenizer, world_size=world_size)
     report["samples"] = sample_pairs(config, tokenizer, count=show)
     if as_json:
         print(json.dumps(report))
     else:
         print_report(report)
-    if report["pairs_kept"] == 0:
+    if report["pairs_kept"] == 0 and not report.get("groups", {}).get("tie_edges"):  # ties alone train a tie model
         print("rm-scale inspect-data: error: not a single usable pair (see the reasons above).", file=sys.stderr)
         return 1
     return 0
+
+
+def _group_fields(train: dict[str, Any]) -> dict[str, Any]:
+    """The StreamConfig fields of a recipe's response-group settings (as RewardConfig resolves them), so the report
+    counts what training trains on: ties kept under the tie model, groups that do not rank dropped under
+    Plackett-Luce."""
+    loss_type, ties = train.get("loss_type", "bradley_terry"), train.get("ties", "drop")
+    merge = bool(train.get("merge_prompt_pairs", False))
+    on = train.get("response_groups")
+    return {"response_groups": bool(group_needs(loss_type, ties, merge)) if on is None else bool(on),
+            "merge_prompt_pairs": merge, "listwise": loss_type == "plackett_luce", "keep_ties": ties == "tie_model"}
