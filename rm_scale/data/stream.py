@@ -320,10 +320,14 @@ class PairStream(torch.utils.data.IterableDataset):
                 if tokens is not None:
                     out.append(tokens)
         except BadRow as e:
-            if self.config.strict:
-                raise ValueError(f"Bad preference row (strict_data): {e}") from None
-            self.stats.drop(e.reason)
+            self._bad_row(e)
         return out
+
+    def _bad_row(self, e: BadRow) -> None:
+        """A row that cannot be read: counted by reason, or (strict_data) an error naming file, line, field and fix."""
+        if self.config.strict:
+            raise ValueError(f"Bad preference row (strict_data): {e}") from None
+        self.stats.drop(e.reason)
 
     def groups_of(self, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Tokenised response groups of a block's records (`response_groups`), one per row, or one per prompt with
@@ -341,9 +345,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 groups.append({**tokenize_group(group, self.tokenizer), "_key": prompt_key(keyed_like_pair(group)),
                                "_where": where})
             except BadRow as e:
-                if self.config.strict:
-                    raise ValueError(f"Bad preference row (strict_data): {e}") from None
-                self.stats.drop(e.reason)
+                self._bad_row(e)
         if self.config.merge_prompt_pairs:
             groups = merge_groups(groups, key=lambda g: g["_key"])
         return [g for g in map(self._checked_group, groups) if g is not None]
