@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-SUBSETS = ("instructions", "consistency", "units", "facts")
 PER_SUBSET = {"train": 120, "eval": 32}
 EVAL_FACTS = 10  # the last facts, templates and operands are held out
-TIE_SUBSETS = ("units", "consistency")
 TIES_PER_SUBSET = {"train": 24, "eval": 12}
 TIE_SCORE = 1.0  # both sides' score in the ties files (equal scores: a tie)
 
@@ -179,19 +177,32 @@ def _instructions(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]
         yield {"prompt": _prompt(question), "chosen": follows(fact), "rejected": opposite(fact)}
 
 
+def _consistency_templates(held_out: bool) -> list[tuple[str, str, str]]:
+    return CONSISTENCY[-HELD_OUT_TEMPLATES:] if held_out else CONSISTENCY[:-HELD_OUT_TEMPLATES]
+
+
+def _conclusion(answer: str) -> str:
+    """Only an answer's conclusion: "It arrives on {x}, so expect it on {y}." -> "So expect it on {y}."."""
+    return "S" + answer[answer.index(", so ") + 3 :]
+
+
 def _consistency(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
-    templates = CONSISTENCY[-HELD_OUT_TEMPLATES:] if held_out else CONSISTENCY[:-HELD_OUT_TEMPLATES]
+    templates = _consistency_templates(held_out)
     while True:
         question, answer, slot = rng.choice(templates)
         x, other = rng.sample(SLOTS[slot], 2)
         if rng.random() < 0.5:  # only the conclusion: "So expect it on Friday."
-            answer = "S" + answer[answer.index(", so ") + 3 :]
+            answer = _conclusion(answer)
         yield {"prompt": _prompt(question.format(x=x)), "chosen": answer.format(x=x, y=x),
                "rejected": answer.format(x=x, y=other)}
 
 
+def _unit_amounts(held_out: bool) -> list[int]:
+    return [7, 8, 9] if held_out else [2, 3, 4, 5, 6]  # held-out amounts
+
+
 def _units(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
-    values = [7, 8, 9] if held_out else [2, 3, 4, 5, 6]  # held-out amounts
+    values = _unit_amounts(held_out)
     while True:
         frm, to, factor = rng.choice(UNITS)
         n = rng.choice(values)
@@ -214,7 +225,7 @@ def _facts(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
 
 
 def _unit_ties(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
-    values = [7, 8, 9] if held_out else [2, 3, 4, 5, 6]
+    values = _unit_amounts(held_out)
     while True:
         frm, to, factor = rng.choice(UNITS)
         n = rng.choice(values)
@@ -225,11 +236,11 @@ def _unit_ties(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
 
 
 def _consistency_ties(rng: random.Random, held_out: bool) -> Iterator[dict[str, str]]:
-    templates = CONSISTENCY[-HELD_OUT_TEMPLATES:] if held_out else CONSISTENCY[:-HELD_OUT_TEMPLATES]
+    templates = _consistency_templates(held_out)
     while True:
         question, answer, slot = rng.choice(templates)
         x = rng.choice(SLOTS[slot])
-        sides = [answer.format(x=x, y=x), "S" + answer[answer.index(", so ") + 3 :].format(x=x, y=x)]
+        sides = [answer.format(x=x, y=x), _conclusion(answer).format(x=x, y=x)]
         rng.shuffle(sides)  # the longer side first as often as second
         yield {"prompt": _prompt(question.format(x=x)), "chosen": sides[0], "rejected": sides[1]}
 
@@ -237,41 +248,39 @@ def _consistency_ties(rng: random.Random, held_out: bool) -> Iterator[dict[str, 
 MAKERS: dict[str, Callable[[random.Random, bool], Iterator[dict[str, str]]]] = {
     "instructions": _instructions, "consistency": _consistency, "units": _units, "facts": _facts,
 }
+SUBSETS = tuple(MAKERS)  # in the order the rows are made
 
 
 def make_pairs(split: str, *, seed: int) -> list[dict[str, str]]:
     """``PER_SUBSET[split]`` distinct pairs of each subset, shuffled; eval topics disjoint from train topics."""
+    return _distinct_rows(MAKERS, PER_SUBSET[split], held_out=split == "eval", seed=seed)
+
+
+def _distinct_rows(makers: Mapping[str, Callable[[random.Random, bool], Iterator[dict[str, str]]]], count: int, *,
+                   held_out: bool, seed: int, extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``count`` distinct rows of each maker's subset (with ``extra`` columns), shuffled."""
     rng = random.Random(seed)
     rows = []
-    for subset in SUBSETS:
-        made, seen = MAKERS[subset](rng, split == "eval"), set()
-        while len(seen) < PER_SUBSET[split]:
+    for subset, maker in makers.items():
+        made, seen = maker(rng, held_out), set()
+        while len(seen) < count:
             pair = next(made)
             key = (pair["prompt"], pair["chosen"], pair["rejected"])
             if key not in seen:
                 seen.add(key)
-                rows.append({**pair, "subset": subset})
+                rows.append({**pair, **(extra or {}), "subset": subset})
     rng.shuffle(rows)
     return rows
 
 
 TIE_MAKERS = {"units": _unit_ties, "consistency": _consistency_ties}
+TIE_SUBSETS = tuple(TIE_MAKERS)
 
 
 def make_ties(split: str, *, seed: int) -> list[dict[str, Any]]:
     """``TIES_PER_SUBSET[split]`` distinct ties of each of TIE_SUBSETS, shuffled; eval topics held out as above."""
-    rng = random.Random(seed)
-    rows = []
-    for subset in TIE_SUBSETS:
-        made, seen = TIE_MAKERS[subset](rng, split == "eval"), set()
-        while len(seen) < TIES_PER_SUBSET[split]:
-            pair = next(made)
-            key = (pair["prompt"], pair["chosen"], pair["rejected"])
-            if key not in seen:
-                seen.add(key)
-                rows.append({**pair, "score_chosen": TIE_SCORE, "score_rejected": TIE_SCORE, "subset": subset})
-    rng.shuffle(rows)
-    return rows
+    return _distinct_rows(TIE_MAKERS, TIES_PER_SUBSET[split], held_out=split == "eval", seed=seed,
+                          extra={"score_chosen": TIE_SCORE, "score_rejected": TIE_SCORE})
 
 
 def outputs() -> dict[str, list[dict[str, Any]]]:
