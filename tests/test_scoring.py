@@ -117,7 +117,8 @@ def test_a_real_trl_grpo_run_rewards_its_completions_with_the_scorer(export, tmp
 
     policy_dir = make_tiny_model_dir(tmp_path / "policy", seed=1)
     scorer = RewardScorer(str(export))
-    prompts = Dataset.from_list([{"prompt": "User: name a colour\nAssistant:"}, {"prompt": "User: 2 + 2 ?\nAssistant:"}])
+    prompts = Dataset.from_list([{"prompt": "User: name a colour\nAssistant:"},
+                                 {"prompt": "User: 2 + 2 ?\nAssistant:"}])
     args = GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4,
                       num_generations=2, max_completion_length=6, learning_rate=1e-3, logging_steps=1,
                       report_to="none", use_cpu=True, save_strategy="no", seed=0)

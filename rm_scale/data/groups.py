@@ -44,8 +44,8 @@ def to_group(row: Mapping[str, Any], mapping: RowMapping, *, where: str = "") ->
             raise BadRow("not text", "pre-tokenised rows (token id columns) cannot be read as groups yet; give the "
                          "text, or train them as pairs", where=where)
         extras = {k: pair[k] for k in ("margin", "subset") if k in pair}
-        return {"prompt": pair.get("prompt"), "responses": [pair["chosen"], pair["rejected"]], "edges": [[0, 1, int(tie)]],
-                **extras}
+        return {"prompt": pair.get("prompt"), "responses": [pair["chosen"], pair["rejected"]],
+                "edges": [[0, 1, int(tie)]], **extras}
     with row_errors(where):
         base, texts, winners, first = read_responses(row, m, where)
         scores = response_scores(row, m)
