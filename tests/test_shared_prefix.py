@@ -100,6 +100,21 @@ def test_shared_prefix_rewards_and_gradients_equal_the_stock_forward(arch, spars
     assert int(batch["packed_real_tokens"]) < int(batch["packed_pair_tokens"])
 
 
+def test_shared_prefix_under_bf16_autocast_runs_and_matches_the_stock_forward():
+    """Mixed precision (bf16=True trains under autocast): the rotated query and key reach the attention in fp32, the
+    value in bf16. The grouped forward runs, back-propagates, and gives the stock forward's rewards to bf16 precision."""
+    torch.manual_seed(0)
+    stock = _arch("Llama").float()
+    grouped = copy.deepcopy(stock)
+    assert use_packed_attention(grouped) and use_sparse_last_layer(grouped)
+    pairs = _pairs(seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = _rewards_and_grads(stock, lambda m: _stock_rewards(m, pairs))
+        got, grads = _rewards_and_grads(grouped, lambda m: _grouped_rewards(m, pairs, row_length=48)[0])
+    assert torch.allclose(got.float(), want.float(), atol=3e-2), (got.float() - want.float()).abs().max()
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+
+
 def test_shared_prefix_with_lora_equals_the_stock_forward():
     from peft import LoraConfig, TaskType, get_peft_model
 
