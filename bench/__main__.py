@@ -30,6 +30,8 @@ class Contender:
     batching: str = "fixed"  # rm_scale's stream batching; TRL always pads fixed-size random batches
     shared_prefix: bool = True  # packed only: each pair's common prefix computed once (rm_scale's default)
     pairs_per_device: int | None = None  # None: the mode's (Settings.pairs_per_device)
+    lean_activations: bool = True  # rm_scale's RMSNorm / SwiGLU saving less for the backward (its default)
+    optional: bool = False  # runs only when named in --only
 
 
 CONTENDERS = (
@@ -57,6 +59,10 @@ REAL_CONTENDERS = (
     Contender("rm_scale-packed-z3x2", "rm_scale", 2, "packed", pairs_per_device=4),
     Contender("trl-z3x2-8pd", "trl", 2, pairs_per_device=8),
     Contender("rm_scale-packed-z3x2-8pd", "rm_scale", 2, "packed", pairs_per_device=8),
+    # what rm_scale.model.lean_layers changes (python -m bench --real --only ...-nolean-...,rm_scale-packed-...)
+    Contender("rm_scale-packed-nolean-1p", "rm_scale", 1, "packed", lean_activations=False, optional=True),
+    Contender("rm_scale-packed-nolean-z3x2", "rm_scale", 2, "packed", lean_activations=False, pairs_per_device=4,
+              optional=True),
 )
 
 
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < settings.warmup < settings.steps:
         raise SystemExit(f"need 0 < warmup ({settings.warmup}) < steps ({settings.steps})")
     known = REAL_CONTENDERS if name == "real" else CONTENDERS
-    contenders = known
+    contenders = tuple(c for c in known if not c.optional)
     if settings.device == "cuda" and len(_cuda_devices()) < 2:
         contenders = tuple(c for c in contenders if c.ranks == 1)  # 2-rank ZeRO-3 needs a GPU per rank
     if args.only:
@@ -274,6 +280,7 @@ def run_all(settings: Settings, contenders: tuple[Contender, ...], *, data: Path
             specs = [{**base, "name": f"{c.name}.r{repeat}", "kind": c.kind, "batching": c.batching,
                       "token_budget": settings.packed_token_budget if c.batching == "packed" else None,
                       "shared_prefix": c.batching == "packed" and c.shared_prefix,
+                      "lean_activations": c.lean_activations,
                       "pairs_per_device": c.pairs_per_device or settings.pairs_per_device,
                       "out_dir": str(work)} for c in group]
             run = _launch(specs, ranks=group[0].ranks, work=work, launch=launch, label=f"repeat {repeat}",

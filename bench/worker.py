@@ -94,6 +94,71 @@ def current_rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+class RssPhases:
+    """Where a rank's peak resident memory is reached: a thread samples RSS every 20 ms and keeps the largest value
+    seen in each labelled phase ("load", "setup", "forward", "backward", "optimizer", "data"). ``ru_maxrss`` gives the peak
+    alone; this says which part of the run sets it, for every contender alike."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase = "load"
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-phases", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.mark()
+
+    def mark(self, phase: str | None = None) -> None:
+        """Record the current RSS under the phase that is ending, then switch to ``phase``."""
+        rss = current_rss_gb()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+        if os.environ.get("BENCH_MALLINFO"):
+            live = _malloc_live_gb()
+            self.peaks["live:" + self.phase] = max(self.peaks.get("live:" + self.phase, 0.0), live)
+        if phase is not None:
+            self.phase = phase
+
+    def watch_deepspeed_step(self) -> None:
+        """Under DeepSpeed the optimizer step runs inside the trainer's backward call (the engine's step): mark it."""
+        try:
+            from deepspeed.runtime.engine import DeepSpeedEngine
+        except ImportError:
+            return
+        step = DeepSpeedEngine.step
+
+        def marked(engine: Any, *args: Any, **kwargs: Any) -> Any:
+            self.mark("optimizer")
+            try:
+                return step(engine, *args, **kwargs)
+            finally:
+                self.mark("data")
+
+        DeepSpeedEngine.step = marked
+
+    def record(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self.mark()
+        return {k: round(v, 3) for k, v in self.peaks.items()}
+
+
+def _malloc_live_gb() -> float:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**30
+
+
 class GatherCounter:
     """Counts the ZeRO-3 parameter all-gathers (calls and bytes) this rank issues, by wrapping the two DeepSpeed comm
     functions that stage 3 fetches parameters with (`allgather_fn` via `_dist_allgather_fn`, and
@@ -206,14 +271,19 @@ class StepLog:
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
 
-def _step_callback(log: StepLog) -> Any:
+def _step_callback(log: StepLog, phases: RssPhases) -> Any:
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         # on_step_end fires after the optimizer step; differences of consecutive ends include data loading, logging
         # and everything else the trainer does between steps.
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if phases.phase == "backward":  # without DeepSpeed (under it, the engine's step is marked)
+                phases.mark("optimizer")
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             log.step_end()
+            phases.mark("data")
 
     return StepClock()
 
@@ -257,6 +327,8 @@ def run_trl(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, An
     from trl import RewardConfig, RewardTrainer
 
     log = StepLog(counter, sync=spec.get("device") == "cuda")
+    phases = RssPhases()
+    phases.watch_deepspeed_step()
 
     class TimedRewardTrainer(RewardTrainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
@@ -264,17 +336,21 @@ def run_trl(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, An
             lengths = mask.sum(dim=1)
             log.batch(pairs=mask.shape[0] // 2, real=lengths.sum(), computed=mask.numel(),
                       attn=(lengths * lengths).sum())
-            return super().compute_loss(model, inputs, *a, **k)
+            phases.mark("forward")
+            loss = super().compute_loss(model, inputs, *a, **k)
+            phases.mark("backward")
+            return loss
 
     args = RewardConfig(**_common_args(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     rows = _read_pairs(spec["data"])
     model = _load(spec)  # as TRL would from the path (after the config: partitioned under ZeRO-3), plus the fold
+    phases.mark("setup")
     trainer = TimedRewardTrainer(model=model, args=args, processing_class=tokenizer,
-                                 train_dataset=Dataset.from_list(rows), callbacks=[_step_callback(log)])
+                                 train_dataset=Dataset.from_list(rows), callbacks=[_step_callback(log, phases)])
     log.begin()
     trainer.train()
-    return {**log.record(), "train_pairs": len(trainer.train_dataset)}
+    return {**log.record(), "train_pairs": len(trainer.train_dataset), "rss_phases_gb": phases.record()}
 
 
 def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, Any]:
@@ -287,25 +363,32 @@ def run_rm_scale(spec: dict[str, Any], counter: GatherCounter | None) -> dict[st
     from rm_scale.train.trainer import RewardTrainer
 
     log = StepLog(counter, sync=spec.get("device") == "cuda")
+    phases = RssPhases()
+    phases.watch_deepspeed_step()
 
     class TimedRewardTrainer(RewardTrainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
             if not inputs.get("_pad", False):
                 log.batch(**batch_counts(inputs))
-            return super().compute_loss(model, inputs, *a, **k)
+            phases.mark("forward")
+            loss = super().compute_loss(model, inputs, *a, **k)
+            phases.mark("backward")
+            return loss
 
     packed = spec["batching"] == "packed"
     args = RewardConfig(**_common_args(spec), batching=spec["batching"], token_budget=spec.get("token_budget"),
                         stream_block_size=spec["block_size"], save_on_signal=False,
-                        shared_prefix=spec.get("shared_prefix", packed) if packed else None)
+                        shared_prefix=spec.get("shared_prefix", packed) if packed else None,
+                        lean_activations=spec.get("lean_activations", True))
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = load_reward_model(spec["model_dir"])  # after RewardConfig: loads partitioned under ZeRO-3
     fold_vocab(model, spec["vocab"])
+    phases.mark("setup")
     trainer = TimedRewardTrainer(model=model, args=args, processing_class=tokenizer,
-                                 train_dataset=PairFiles([spec["data"]]), callbacks=[_step_callback(log)])
+                                 train_dataset=PairFiles([spec["data"]]), callbacks=[_step_callback(log, phases)])
     log.begin()
     trainer.train()
-    return log.record()
+    return {**log.record(), "rss_phases_gb": phases.record()}
 
 
 def batch_counts(batch: dict[str, Any]) -> dict[str, Any]:
@@ -359,14 +442,18 @@ def run_bare(spec: dict[str, Any], counter: GatherCounter | None) -> dict[str, A
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(spec.get("bf16")))
     # The bare loops that mirror an rm_scale contender (length_grouped, packed batches) compute the model as rm_scale
-    # does -- rm_scale's reward forward, last layer only at the read tokens, SDPA per packed sequence -- so that
-    # rm_scale / bare measures framework overhead alone. bare-fixed (TRL's batches) runs the stock HF forward, as TRL.
+    # does -- rm_scale's reward forward, last layer only at the read tokens, SDPA per packed sequence, lean RMSNorm and
+    # MLP -- so that rm_scale / bare measures framework overhead alone. bare-fixed (TRL's batches) runs the stock HF
+    # forward, as TRL.
     mirror = spec["batching"] != "fixed"
     if mirror:
         from rm_scale.model.last_layer import use_sparse_last_layer
+        from rm_scale.model.lean_layers import use_lean_layers
         from rm_scale.model.packed_attention import use_packed_attention
 
         use_sparse_last_layer(model)
+        if spec.get("lean_activations", True):
+            use_lean_layers(model)
         if spec["batching"] == "packed":
             use_packed_attention(model)
     fused = spec.get("optim") == "adamw_torch_fused"  # the kernel transformers picks for that name

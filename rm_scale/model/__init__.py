@@ -1,6 +1,7 @@
-"""Build, read and export reward models (`reward`), LoRA (`lora`), and the exact compute savings: the last layer at
-the reward tokens only (`last_layer`), attention per packed sequence (`packed_attention`); the shipped SmolLM2
-(`pretrained`). Knows nothing of ranks or losses; never imports `rm_scale.data`."""
+"""Build, read and export reward models (`reward`), LoRA (`lora`), and the exact compute and memory savings: the last
+layer at the reward tokens only (`last_layer`), attention per packed sequence (`packed_attention`), norms and MLPs that
+save less for the backward (`lean_layers`); the shipped SmolLM2 (`pretrained`). Knows nothing of ranks or losses; never
+imports `rm_scale.data`."""
 
 from rm_scale.model.reward import (
     REWARD_STATS_FILE,

@@ -41,6 +41,7 @@ from rm_scale.data.stream import (
 from rm_scale.distributed import all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
 from rm_scale.loss import BatchMoments, GlobalTerms, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
+from rm_scale.model.lean_layers import use_lean_layers
 from rm_scale.model.card import write_model_card
 from rm_scale.model.contract import scoring_contract, write_contract
 from rm_scale.model.lora import add_lora
@@ -699,6 +700,8 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
         args.shared_prefix = bool(packed)
     if args.sparse_last_layer:
         use_sparse_last_layer(base_model(model))
+    if args.lean_activations:
+        use_lean_layers(base_model(model))
     return model, tokenizer
 
 
