@@ -116,6 +116,7 @@ def test_dry_run_prints_the_resolved_config_and_deepspeed_dict():
     # raw_decode: DeepSpeed's "Setting accelerator to CPU" log line sometimes lands on stdout right after the dict
     ds, _ = json.JSONDecoder().raw_decode(proc.stdout.split("# DeepSpeed (ds_configs/zero3.json, world size 2)\n")[1])
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 3 * 2 * 2
+    assert ds["zero_optimization"]["reduce_scatter"] is False  # 2 CPU ranks: gloo (rm_scale.dsconfig.gloo_defaults)
     assert "learning_rate: 1.0e-05" in proc.stdout
     assert "# data.train (map-style)" in proc.stdout and "pair 1: prompt:" in proc.stdout  # the data is read too
 
@@ -132,3 +133,16 @@ def test_yaml_no_is_the_string_no_for_strategies(tmp_path):
     recipe = load_recipe(path, ["--eval_strategy", "no"])
     assert recipe["train"]["save_strategy"] == "no" and recipe["train"]["eval_strategy"] == "no"
     assert RewardConfig(**recipe["train"]).save_strategy == "no"
+
+
+def test_gloo_defaults_fill_only_what_the_zero3_json_leaves_unset():
+    from rm_scale.dsconfig import gloo_defaults
+
+    config = {"zero_optimization": {"stage": 3}}
+    assert gloo_defaults(config) == {"zero_optimization.reduce_scatter": False}
+    assert config["zero_optimization"]["reduce_scatter"] is False
+    given = {"zero_optimization": {"stage": 3, "reduce_scatter": True}}
+    assert gloo_defaults(given) == {} and given["zero_optimization"]["reduce_scatter"] is True
+    for other in ({"zero_optimization": {"stage": 2}}, {}, {"zero_optimization": "not a dict"}):
+        before = json.dumps(other)
+        assert gloo_defaults(other) == {} and json.dumps(other) == before

@@ -194,3 +194,50 @@ def test_zero3_eval_of_an_odd_sized_set_counts_each_pair_once(setup):
     assert len(data) == 13
     assert abs(chosen.mean().item() - final["eval_rewards_chosen_mean"]) <= 1e-5
     assert json.loads((out / "final" / "config.json").read_text())["rm_scale_eval_pairs"] == 13
+
+
+ENGINE_SCRIPT = """
+import sys
+from transformers import AutoTokenizer
+from rm_scale import RewardConfig, RewardTrainer
+from rm_scale.data import PairFiles
+from rm_scale.model import load_reward_model
+
+args = RewardConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, max_steps=1, report_to=[],
+                    save_strategy="no", activation_checkpointing=False)
+trainer = RewardTrainer(model=load_reward_model(sys.argv[1]), args=args,
+                        tokenizer=AutoTokenizer.from_pretrained(sys.argv[1]),
+                        train_dataset=PairFiles(["rm_scale:demo/train"]))
+trainer.train()
+if args.process_index == 0:
+    print("reduce_scatter:", trainer.model_wrapped.optimizer.reduce_scatter, flush=True)
+"""
+
+
+@pytest.mark.parametrize("given", [None, True], ids=["unset", "set_in_the_json"])
+def test_zero3_on_gloo_all_reduces_gradients_in_place_unless_the_json_says(setup, given):
+    """rm_scale.dsconfig.gloo_defaults reaches the real engine: with reduce_scatter unset in the DeepSpeed JSON the
+    ZeRO-3 optimizer all-reduces the contiguous bucket (no full-size copies on gloo); a value in the JSON is kept."""
+    import subprocess
+    import sys
+
+    from launch import ROOT, env, free_port
+
+    tmp, model_dir, _ = setup
+    folder = tmp / f"engine_{given}"
+    folder.mkdir()
+    ds = tiny_ds_config("zero3.json", folder)
+    if given is not None:
+        config = json.loads(ds.read_text())
+        config["zero_optimization"]["reduce_scatter"] = given
+        ds.write_text(json.dumps(config))
+    launch = launch_config("zero3.yaml", folder, ds_config=ds)
+    script = folder / "engine.py"
+    script.write_text(ENGINE_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+                           "--num_processes", "2", "--main_process_port", str(free_port()), str(script),
+                           str(model_dir), str(folder / "out")], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = False if given is None else given
+    assert f"reduce_scatter: {want}" in proc.stdout, proc.stdout[-2000:]

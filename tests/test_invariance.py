@@ -1,6 +1,6 @@
 """Loss and gradient do not depend on how a global batch is laid out: 1 rank x GAS 4 == 2 ranks x GAS 2 ==
 4 ranks x GAS 1, real processes under ZeRO-3 (gloo on CPU), with the per-pair centering term and the whole-step terms
-(global batch mean, variance, target std). The pure-math version with uneven slices is in test_loss.py."""
+(global batch mean, variance, target std), and with the lean RMSNorm / MLP (the default) == the stock modules. The pure-math version with uneven slices is in test_loss.py."""
 
 import pytest
 
@@ -16,11 +16,13 @@ def test_world_size_and_accumulation_do_not_change_loss_or_gradient(tmp_path):
         reward_variance_coefficient=0.2, target_reward_std=1.0, target_std_coefficient=0.3)
     launch = launch_config("zero3.yaml", tmp_path, ds_config=tiny_ds_config("zero3.json", tmp_path))
     runs = {}
-    for world, gas in ((1, 4), (2, 2), (4, 1)):
-        out = tmp_path / f"w{world}_gas{gas}"
-        run_train(recipe, ["--output_dir", str(out), "--gradient_accumulation_steps", str(gas)],
+    # (1, 4, stock): the stock RMSNorm and MLP (lean_activations off), against which the lean layers under ZeRO-3 agree
+    for world, gas, *stock in ((1, 4), (2, 2), (4, 1), (1, 4, "stock")):
+        out = tmp_path / f"w{world}_gas{gas}{'_stock' if stock else ''}"
+        run_train(recipe, ["--output_dir", str(out), "--gradient_accumulation_steps", str(gas),
+                           *(["--lean_activations", "false"] if stock else [])],
                   launch=launch if world > 1 else None, nproc=world)
-        runs[(world, gas)] = {m["step"]: m for m in metrics(out) if "loss_exact" in m}
+        runs[(world, gas, *stock)] = {m["step"]: m for m in metrics(out) if "loss_exact" in m}
     ref = runs[(1, 4)]
     for layout, got in runs.items():
         for step in (1, 2, 3):
