@@ -1,6 +1,7 @@
 """Loss and gradient do not depend on how a global batch is laid out: 1 rank x GAS 4 == 2 ranks x GAS 2 ==
 4 ranks x GAS 1, real processes under ZeRO-3 (gloo on CPU), with the per-pair centering term and the whole-step terms
-(global batch mean, variance, target std), and with the lean RMSNorm / MLP (the default) == the stock modules. The pure-math version with uneven slices is in test_loss.py."""
+(global batch mean, variance, target std), and with the lean RMSNorm / MLP (the default) == the stock modules. The
+pure-math version with uneven slices is in test_loss.py."""
 
 import pytest
 

@@ -117,7 +117,6 @@ class _SiluMul(torch.autograd.Function):
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
             grad_up = (grad * F.silu(gate)).to(up.dtype)
-        if ctx.needs_input_grad[0]:
-            sig = torch.sigmoid(gate)
-            grad_gate = (grad * up * sig * (1 + gate * (1 - sig))).to(gate.dtype)
+        if ctx.needs_input_grad[0]:  # SiLU's own backward kernel (one fused pass), as autograd runs it
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate).to(gate.dtype)
         return grad_gate, grad_up
