@@ -139,8 +139,24 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         gathers = [r["zero3_gathers_per_step"] for r in runs if "zero3_gathers_per_step" in r]
         if gathers:
             entry["zero3_gathers_per_step"] = gathers[0]
+        phases = rss_phases([p for r in runs for p in r.get("rss_phases_gb_per_rank", [])])
+        if phases:
+            entry["rss_phases_gb"] = phases
         per[name] = entry
     return {"contenders": per, "ratios": _ratios(per, results), "targets": _targets(per, results)}
+
+
+PHASES = ("load", "setup", "forward", "backward", "optimizer", "data")
+
+
+def rss_phases(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The largest RSS of each phase over ranks and repeats (the phases bench.worker.RssPhases labels)."""
+    out: dict[str, float] = {}
+    for phases in per_rank:
+        for phase, gb in phases.items():
+            if phase in PHASES:
+                out[phase] = max(out.get(phase, 0.0), gb)
+    return {p: out[p] for p in PHASES if p in out}
 
 
 def _get(per: dict[str, Any], name: str, key: str) -> float | None:
@@ -407,6 +423,18 @@ def markdown(results: dict[str, Any]) -> str:
         *_md_table(["target", "measured", "bound", "met"],
                    [[k, _f(t["measured"], 3), t["target"], _f(t["met"])] for k, t in summary["targets"].items()]),
     ]
+    phased = {n: e["rss_phases_gb"] for n, e in summary["contenders"].items() if e.get("rss_phases_gb")}
+    if phased:
+        lines += ["", "## Peak RSS per phase (GB, the largest over ranks and repeats; the peak's phase in bold)", "",
+                  "load: imports and the model; setup: trainer and DeepSpeed engine; forward: the loss's forward; "
+                  "backward: from the loss to the optimizer step (under ZeRO-3 the gradient reduce-scatter too); "
+                  "optimizer: the step; data: from a step's end to the next forward.", ""]
+        rows = []
+        for name, phases in phased.items():
+            top = max(phases.values())
+            rows.append([name] + [(f"**{phases[p]:.2f}**" if phases[p] == top else f"{phases[p]:.2f}")
+                                  if p in phases else "" for p in PHASES])
+        lines += _md_table(["contender", *PHASES], rows)
     pipeline = results.get("pipeline") or {}
     if pipeline.get("variants"):
         lines += ["", "## Data pipeline alone (PairStream: read, tokenise, batch, collate; no model)", ""]

@@ -94,10 +94,15 @@ def current_rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+_WATCHED: RssPhases | None = None  # the contender whose phases the DeepSpeed step marks
+
+
 class RssPhases:
     """Where a rank's peak resident memory is reached: a thread samples RSS every 20 ms and keeps the largest value
-    seen in each labelled phase ("load", "setup", "forward", "backward", "optimizer", "data"). ``ru_maxrss`` gives the peak
-    alone; this says which part of the run sets it, for every contender alike."""
+    seen in each labelled phase ("load", "setup", "forward", "backward", "optimizer", "data"). ``ru_maxrss`` gives
+    the peak alone; this says which part of the run sets it, for every contender alike. ``BENCH_MALLINFO=1`` also
+    keeps glibc's in-use heap + mmapped bytes per phase (``live:<phase>``): RSS above it is freed memory the allocator
+    kept."""
 
     def __init__(self) -> None:
         import threading
@@ -123,20 +128,27 @@ class RssPhases:
             self.phase = phase
 
     def watch_deepspeed_step(self) -> None:
-        """Under DeepSpeed the optimizer step runs inside the trainer's backward call (the engine's step): mark it."""
+        """Under DeepSpeed the optimizer step runs inside the trainer's backward call (the engine's step): mark it.
+        The engine class is wrapped once per process; the wrapper marks the latest contender's phases."""
+        global _WATCHED
+        _WATCHED = self
         try:
             from deepspeed.runtime.engine import DeepSpeedEngine
         except ImportError:
             return
+        if getattr(DeepSpeedEngine.step, "_rss_phases", False):
+            return
         step = DeepSpeedEngine.step
 
         def marked(engine: Any, *args: Any, **kwargs: Any) -> Any:
-            self.mark("optimizer")
+            phases = _WATCHED
+            phases.mark("optimizer")
             try:
                 return step(engine, *args, **kwargs)
             finally:
-                self.mark("data")
+                phases.mark("data")
 
+        marked._rss_phases = True  # type: ignore[attr-defined]
         DeepSpeedEngine.step = marked
 
     def record(self) -> dict[str, float]:
@@ -147,6 +159,7 @@ class RssPhases:
 
 
 def _malloc_live_gb() -> float:
+    """Bytes glibc's malloc has handed out and not had back (mallinfo2: arenas' in-use + mmapped chunks), in GB."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):

@@ -42,6 +42,10 @@ def test_smoke_run_writes_every_contender(tmp_path: Path) -> None:
         assert s["step_time_p10_s"] <= s["step_time_median_s"] <= s["step_time_p90_s"], c.name
         if c.ranks > 1:  # every ZeRO-3 step gathers the whole model at least once
             assert s["zero3_gathers_per_step"]["model_equivalents"] >= 1.0, c.name
+        if c.kind != "bare":  # where each rank's peak RSS is reached: every phase of a step is seen (ZeRO-3 too)
+            phases = s["rss_phases_gb"]
+            assert {"load", "setup", "forward", "backward", "optimizer", "data"} <= set(phases), (c.name, phases)
+            assert 0 < max(phases.values()) <= s["peak_rss_gb_per_rank"] + 1e-3, c.name
     ratios = results["summary"]["ratios"]
     # the bare loop trains on exactly rm_scale's batches: the overhead comparison is like for like
     assert ratios["rm_scale-lg-1p vs bare-lg-1p: identical batches"] is True
@@ -53,7 +57,7 @@ def test_smoke_run_writes_every_contender(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     for c in CONTENDERS:
         assert f"| {c.name} |" in md
-    assert "## Targets" in md and "## Ratios" in md
+    assert "## Targets" in md and "## Ratios" in md and "## Peak RSS per phase" in md
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
