@@ -13,7 +13,6 @@ from transformers import TrainingArguments
 
 from rm_scale.data.batching import check_batching
 from rm_scale.distributed import init_gloo_group
-from rm_scale.dsconfig import gloo_defaults
 
 
 @dataclass
@@ -27,8 +26,6 @@ class RewardConfig(TrainingArguments):
       to `not fp16` everywhere, which makes `RewardConfig()` raise on a machine without such a GPU.
     - `ddp_backend` defaults to "gloo" when launched on several processes without a GPU: Accelerate only picks a
       backend for GPU-like devices, and without one each process believes it is alone and trains on all the data.
-    - Under ZeRO-3 on gloo, a DeepSpeed JSON without `zero_optimization.reduce_scatter` gets `false`: gradients are
-      all-reduced in place instead of through two full-size copies (rm_scale.dsconfig.gloo_defaults).
     """
 
     # ---- TRL 1.16's fields and defaults -------------------------------------------------------------------------
@@ -303,9 +300,6 @@ class RewardConfig(TrainingArguments):
             )
         _check_group_fields(self)
         super().__post_init__()
-        plugin = getattr(self, "deepspeed_plugin", None)  # DeepSpeed from `deepspeed=` or the accelerate config
-        if plugin is not None and self.ddp_backend == "gloo" and _launched_world_size() > 1:
-            gloo_defaults(plugin.deepspeed_config)  # the dict the engine gets (the Trainer copies it on)
 
     @cached_property
     def _setup_devices(self) -> torch.device:

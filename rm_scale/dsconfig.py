@@ -35,7 +35,7 @@ def gloo_defaults(config: dict[str, Any]) -> dict[str, Any]:
     buffer, and torch's gloo backend has no native reduce-scatter -- it runs one over another full-size copy of its
     input. With the bucket DeepSpeed's default size holds the whole model (5e8 elements), that is two copies of every
     gradient at the step's peak. With ``false`` DeepSpeed all-reduces the contiguous bucket in place (the same bytes
-    for gloo's ring) and keeps its partition. Measured on SmolLM2-135M, 2 ranks: -0.5 GB peak RSS per rank and ~14%
+    for gloo's ring) and keeps its partition. Measured on SmolLM2-135M, 2 ranks: -0.4 GB peak RSS per rank and ~14%
     less step time (docs/benchmarks.md). NCCL has a native reduce-scatter: leave the key to DeepSpeed there.
     """
     zero = config.get("zero_optimization")
@@ -59,7 +59,7 @@ def resolve_ds_config(path: str | os.PathLike, args: Any, *, world_size: int) ->
     config = hf.config
     micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
     config["train_batch_size"] = micro * gas * world_size  # args.world_size is 1 outside the launcher
-    if world_size > 1 and args.ddp_backend in (None, "gloo") and not _cuda():  # what RewardConfig sets when launched
+    if world_size > 1 and args.ddp_backend in (None, "gloo") and not _cuda():  # what RewardTrainer sets when launched
         gloo_defaults(config)
     return config
 

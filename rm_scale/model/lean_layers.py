@@ -10,12 +10,12 @@ than their backward needs:
 - The MLP's ``silu(gate) * up`` saves ``gate`` (for SiLU) *and* ``silu(gate)`` and ``up`` (for the product). The
   backward recomputes ``silu(gate)`` from ``gate``: one MLP-width tensor per token fewer.
 
-Together ~22 % less saved per token (SmolLM2-135M: 1.43 → 1.12 MB), for an elementwise recompute (well under 1 % of a
-step). The forward runs the stock operations in the stock order, so outputs are bit-identical; gradients are equal
-up to rounding (tested against the stock modules for Llama, Mistral, Qwen2 and Qwen3, with LoRA, under bf16 autocast
-and in 2-rank ZeRO-3 training). The matmuls are untouched: the projections stay the model's own modules (LoRA,
-ZeRO-3's parameter gathering and their hooks see them as before). With activation checkpointing on, the saving
-applies to the one layer being recomputed at a time.
+Together ~22 % less saved per token (SmolLM2-135M: 1.43 → 1.12 MB), for an elementwise recompute (no step-time
+change measurable on SmolLM2-135M, docs/benchmarks.md). The forward runs the stock operations in the stock order, so
+outputs are bit-identical; gradients are equal up to rounding (tested against the stock modules for Llama, Mistral,
+Qwen2 and Qwen3, with LoRA, under bf16 autocast and in 2-rank ZeRO-3 training). The matmuls are untouched: the
+projections stay the model's own modules (LoRA, ZeRO-3's parameter gathering and their hooks see them as before).
+With activation checkpointing on, the saving applies to the one layer being recomputed at a time.
 
 `use_lean_layers(model)` swaps the forward of every supported module in place (an instance attribute: the class, the
 state dict and a saved model are unchanged). Supported: the RMSNorm and MLP classes of Llama, Mistral, Qwen2 and
