@@ -59,12 +59,17 @@ def resolve_ds_config(path: str | os.PathLike, args: Any, *, world_size: int) ->
     config = hf.config
     micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
     config["train_batch_size"] = micro * gas * world_size  # args.world_size is 1 outside the launcher
-    if world_size > 1 and args.ddp_backend in (None, "gloo") and not _cuda():  # what RewardTrainer sets when launched
+    if on_gloo(args.ddp_backend, world_size):  # as RewardTrainer will when launched
         gloo_defaults(config)
     return config
 
 
-def _cuda() -> bool:
+def on_gloo(ddp_backend: str | None, world_size: int) -> bool:
+    """Whether ranks talk over gloo: several of them, and gloo asked for or (unset) no GPU to run NCCL on."""
+    if world_size < 2:
+        return False
+    if ddp_backend is not None:
+        return ddp_backend == "gloo"
     import torch
 
-    return torch.cuda.is_available()
+    return not torch.cuda.is_available()

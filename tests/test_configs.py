@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rm_scale.config import RewardConfig
@@ -136,7 +137,10 @@ def test_yaml_no_is_the_string_no_for_strategies(tmp_path):
 
 
 def test_gloo_defaults_fill_only_what_the_zero3_json_leaves_unset():
-    from rm_scale.dsconfig import gloo_defaults
+    from rm_scale.dsconfig import gloo_defaults, on_gloo
+
+    assert on_gloo("gloo", 2) and not on_gloo("gloo", 1) and not on_gloo("nccl", 2)
+    assert on_gloo(None, 2) == (not torch.cuda.is_available())
 
     config = {"zero_optimization": {"stage": 3}}
     assert gloo_defaults(config) == {"zero_optimization.reduce_scatter": False}

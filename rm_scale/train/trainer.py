@@ -39,7 +39,7 @@ from rm_scale.data.stream import (
     stream_config,
 )
 from rm_scale.distributed import all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
-from rm_scale.dsconfig import gloo_defaults
+from rm_scale.dsconfig import gloo_defaults, on_gloo
 from rm_scale.loss import BatchMoments, GlobalTerms, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.lean_layers import use_lean_layers
@@ -646,7 +646,7 @@ def _setup_args(args: RewardConfig | None, model: Any) -> RewardConfig:
         )
     args = copy.copy(args)  # the trainer sets a few fields (ignore_data_skip, checkpointing kwargs) on its own copy
     plugin = args.deepspeed_plugin  # DeepSpeed from `deepspeed=` or the accelerate config
-    if plugin is not None and args.ddp_backend == "gloo" and args.world_size > 1:
+    if plugin is not None and on_gloo(args.ddp_backend, args.world_size):
         # under ZeRO-3: the gradient reduce in place, not through two full-size copies (see gloo_defaults)
         gloo_defaults(plugin.deepspeed_config)  # the dict the engine gets: the Trainer copies it on
     return args
