@@ -70,7 +70,7 @@ def summarize_run(records: list[dict[str, Any]], *, warmup: int, model: dict[str
         # below 1, the other ranks wait for the busiest one in every ZeRO-3 collective
         "rank_balance": rank_balance([[rec["computed_tokens"][i] for i in measured] for rec in records]),
         "peak_rss_gb_per_rank": [round(rec["peak_rss_gb"], 3) for rec in records],
-        # each rank's largest RSS per phase (load, setup, forward, backward+step, data): which part sets the peak
+        # each rank's largest RSS per phase (bench.worker.RssPhases): which part of the step sets the peak
         "rss_phases_gb_per_rank": [rec.get("rss_phases_gb", {}) for rec in records],
         # per measured step, rank 0: lets the report check that two contenders saw identical batches
         "computed_tokens_per_step": [records[0]["computed_tokens"][i] for i in measured],

@@ -14,6 +14,7 @@ local rank, step ends are taken after `torch.cuda.synchronize()`, and bf16 is au
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -109,6 +110,7 @@ class RssPhases:
 
         self.phase = "load"
         self.peaks: dict[str, float] = {}
+        self._mallinfo = bool(os.environ.get("BENCH_MALLINFO"))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="rss-phases", daemon=True)
         self._thread.start()
@@ -121,7 +123,7 @@ class RssPhases:
         """Record the current RSS under the phase that is ending, then switch to ``phase``."""
         rss = current_rss_gb()
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
-        if os.environ.get("BENCH_MALLINFO"):
+        if self._mallinfo:
             live = _malloc_live_gb()
             self.peaks["live:" + self.phase] = max(self.peaks.get("live:" + self.phase, 0.0), live)
         if phase is not None:
@@ -160,16 +162,22 @@ class RssPhases:
 
 def _malloc_live_gb() -> float:
     """Bytes glibc's malloc has handed out and not had back (mallinfo2: arenas' in-use + mmapped chunks), in GB."""
+    m = _mallinfo2()()
+    return (m.uordblks + m.hblkhd) / 2**30
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's mallinfo2, bound once (the sampler calls it every 20 ms)."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    m = libc.mallinfo2()
-    return (m.uordblks + m.hblkhd) / 2**30
+    fn = ctypes.CDLL("libc.so.6").mallinfo2
+    fn.restype = MallInfo2
+    return fn
 
 
 class GatherCounter:
