@@ -5,7 +5,9 @@ Device-agnostic: tensors stay on the caller's device, so gloo (CPU) and NCCL (GP
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -68,6 +70,34 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+_LEAVE_AT_EXIT: dict[str, bool] = {}  # "armed": whether the exit hook (registered once) waits for the others
+
+
+def leave_together_at_exit(armed: bool = True) -> None:
+    """Run `shutdown` when the interpreter exits, for scripts that end after ``trainer.train()`` without it (every
+    TRL script does): on gloo, a rank that exits while the others still hold the group can be aborted at exit
+    ("terminate called without an active exception"), failing a run that had finished. A no-op where the script
+    already left (our CLI does).
+
+    Disarmed (``armed=False``) while training, and left so when training raised: a script that catches the error
+    and exits must exit at once, not wait in a barrier for ranks that may be inside another collective. After an
+    unhandled exception there is no barrier either. A peer that is only slow (rank 0 still saving) is waited for,
+    up to the group's timeout (``ddp_timeout``)."""
+    if not _LEAVE_AT_EXIT:
+        atexit.register(_leave_at_exit)
+    _LEAVE_AT_EXIT["armed"] = armed
+
+
+def _leave_at_exit() -> None:
+    unhandled = getattr(sys, "last_value", None) is not None  # set when an exception ended the script
+    if not _LEAVE_AT_EXIT.get("armed") or unhandled:
+        return
+    try:
+        shutdown()
+    except RuntimeError as e:  # the group's timeout: leave alone, as without this hook
+        sys.stderr.write(f"rm_scale: ranks did not leave together ({e}); exiting without the barrier\n")
 
 
 class Heartbeats:

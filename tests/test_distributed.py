@@ -1,6 +1,7 @@
 """Real multi-process runs: 2 ranks through `accelerate launch` with the shipped configs, DeepSpeed on gloo (CPU)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -197,12 +198,15 @@ def test_zero3_eval_of_an_odd_sized_set_counts_each_pair_once(setup):
 
 
 ENGINE_SCRIPT = """
-import sys
+import atexit, sys, time
+import torch.distributed as dist
 from transformers import AutoTokenizer
 from rm_scale import RewardConfig, RewardTrainer
 from rm_scale.data import PairFiles
 from rm_scale.model import load_reward_model
 
+# registered first, so it runs last: after RewardTrainer's own exit hook
+atexit.register(lambda: print("EXIT", args.process_index, dist.is_initialized(), time.time(), flush=True))
 args = RewardConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, max_steps=1, report_to=[],
                     save_strategy="no", activation_checkpointing=False)
 trainer = RewardTrainer(model=load_reward_model(sys.argv[1]), args=args,
@@ -210,7 +214,10 @@ trainer = RewardTrainer(model=load_reward_model(sys.argv[1]), args=args,
                         train_dataset=PairFiles(["rm_scale:demo/train"]))
 trainer.train()
 if args.process_index == 0:
+    time.sleep(2)  # still busy after train(): the other rank must wait for it before the group goes
     print("reduce_scatter:", trainer.model_wrapped.optimizer.reduce_scatter, flush=True)
+    print("DONE", time.time(), flush=True)
+# like every TRL script: no barrier, no destroy_process_group
 """
 
 
@@ -241,3 +248,46 @@ def test_zero3_on_gloo_all_reduces_gradients_in_place_unless_the_json_says(setup
     assert proc.returncode == 0, proc.stderr[-4000:]
     want = False if given is None else given
     assert f"reduce_scatter: {want}" in proc.stdout, proc.stdout[-2000:]
+    # The ranks left together (the gloo exit abort that failed CI once): the group was gone at exit on both, and
+    # rank 1 left only after rank 0 was done.
+    done = float(re.search(r"^DONE (\S+)$", proc.stdout, re.M).group(1))
+    exits = {int(r): (flag, float(t)) for r, flag, t in re.findall(r"^EXIT (\d) (\w+) (\S+)$", proc.stdout, re.M)}
+    assert set(exits) == {0, 1} and all(flag == "False" for flag, _ in exits.values()), proc.stdout[-2000:]
+    assert exits[1][1] >= done
+
+
+LEAVE_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from rm_scale.distributed import leave_together_at_exit
+
+dist.init_process_group("gloo")
+leave_together_at_exit(armed=sys.argv[1] != "disarmed")
+if dist.get_rank() == 0:
+    time.sleep(40)  # busy: an armed rank 1 would wait this long for it at exit
+elif sys.argv[1] == "disarmed":
+    sys.exit(3)  # as a script does that caught an error from train() (which leaves the hook disarmed)
+else:
+    raise ValueError("boom")  # unhandled
+"""
+
+
+@pytest.mark.parametrize("case", ["disarmed", "unhandled"])
+def test_a_failing_rank_exits_at_once_rather_than_wait_to_leave_together(tmp_path, case):
+    """The exit hook's barrier is for runs that ended well: after train() raised, or after an unhandled exception,
+    the rank exits at once (the launcher then ends the others) instead of waiting for peers that may never come."""
+    import subprocess
+    import sys
+    import time
+
+    from launch import ROOT, env, free_port
+
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), case], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert ("ValueError: boom" in proc.stderr) == (case == "unhandled")
+    assert time.monotonic() - start < 30, "the failing rank waited for its peer at exit"

@@ -38,7 +38,13 @@ from rm_scale.data.stream import (
     require_pairs,
     stream_config,
 )
-from rm_scale.distributed import all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
+from rm_scale.distributed import (
+    all_gather_objects,
+    all_gather_rows,
+    all_reduce_max,
+    all_reduce_sum,
+    leave_together_at_exit,
+)
 from rm_scale.dsconfig import gloo_defaults, on_gloo
 from rm_scale.loss import BatchMoments, GlobalTerms, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
@@ -338,8 +344,13 @@ class RewardTrainer(Trainer):
         if self._preemption is not None:
             self._preemption.reset()
             self._preemption.install()
+        gloo = on_gloo(self.args.ddp_backend, self.args.world_size)
+        if gloo:  # registered after the heartbeats' exit hook, so it runs first: they beat while we wait
+            leave_together_at_exit(armed=False)
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            if gloo:
+                leave_together_at_exit(armed=True)
         finally:
             if self._preemption is not None:
                 self._preemption.uninstall()
@@ -393,7 +404,8 @@ class RewardTrainer(Trainer):
             if self._stream.epoch < epoch:
                 self._stream.start_epoch(epoch)
             self._pass_epoch = epoch
-            has_left = self._agreed(self._stream.has_batches_left, "another rank could not read its data (see its error)")
+            has_left = self._agreed(self._stream.has_batches_left,
+                                    "another rank could not read its data (see its error)")
             left = all_reduce_max(torch.tensor(float(has_left), device=self.args.device))
             if left.item() == 0:
                 # Saved at the last step of an epoch: no rank has a batch left in it. Start the next epoch, as the
