@@ -198,7 +198,7 @@ def test_zero3_eval_of_an_odd_sized_set_counts_each_pair_once(setup):
 
 
 ENGINE_SCRIPT = """
-import atexit, sys, time
+import atexit, os, sys, time
 import torch.distributed as dist
 from transformers import AutoTokenizer
 from rm_scale import RewardConfig, RewardTrainer
@@ -206,7 +206,8 @@ from rm_scale.data import PairFiles
 from rm_scale.model import load_reward_model
 
 # registered first, so it runs last: after RewardTrainer's own exit hook
-atexit.register(lambda: print("EXIT", args.process_index, dist.is_initialized(), time.time(), flush=True))
+# os.write: one write per line, so the two ranks' lines cannot interleave (print writes the text and its end apart)
+atexit.register(lambda: os.write(1, f"EXIT {args.process_index} {dist.is_initialized()} {time.time()}\\n".encode()))
 args = RewardConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, max_steps=1, report_to=[],
                     save_strategy="no", activation_checkpointing=False)
 trainer = RewardTrainer(model=load_reward_model(sys.argv[1]), args=args,
@@ -215,8 +216,7 @@ trainer = RewardTrainer(model=load_reward_model(sys.argv[1]), args=args,
 trainer.train()
 if args.process_index == 0:
     time.sleep(2)  # still busy after train(): the other rank must wait for it before the group goes
-    print("reduce_scatter:", trainer.model_wrapped.optimizer.reduce_scatter, flush=True)
-    print("DONE", time.time(), flush=True)
+    os.write(1, f"reduce_scatter: {trainer.model_wrapped.optimizer.reduce_scatter}\\nDONE {time.time()}\\n".encode())
 # like every TRL script: no barrier, no destroy_process_group
 """
 
@@ -250,8 +250,8 @@ def test_zero3_on_gloo_all_reduces_gradients_in_place_unless_the_json_says(setup
     assert f"reduce_scatter: {want}" in proc.stdout, proc.stdout[-2000:]
     # The ranks left together (the gloo exit abort that failed CI once): the group was gone at exit on both, and
     # rank 1 left only after rank 0 was done.
-    done = float(re.search(r"^DONE (\S+)$", proc.stdout, re.M).group(1))
-    exits = {int(r): (flag, float(t)) for r, flag, t in re.findall(r"^EXIT (\d) (\w+) (\S+)$", proc.stdout, re.M)}
+    done = float(re.search(r"DONE (\d+\.\d+)", proc.stdout).group(1))  # no anchors: the launcher may glue lines
+    exits = {int(r): (flag, float(t)) for r, flag, t in re.findall(r"EXIT (\d) (True|False) (\d+\.\d+)", proc.stdout)}
     assert set(exits) == {0, 1} and all(flag == "False" for flag, _ in exits.values()), proc.stdout[-2000:]
     assert exits[1][1] >= done
 
