@@ -37,7 +37,12 @@ class RewardConfig(TrainingArguments):
     activation_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Recompute activations in the backward pass (less memory, ~20% more compute; exact). None: "
-                  "gradient_checkpointing if given (TRL's name), else on (TRL's default)."},
+                  "gradient_checkpointing (TRL's name, on by default)."},
+    )
+    # Declared as TRL declares it (a bool, default True), so the command line takes TRL's --no_gradient_checkpointing.
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "TRL's name for activation_checkpointing (used when that is not set)."},
     )
     bf16: bool | None = field(
         default=None,
@@ -278,7 +283,7 @@ class RewardConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing is None:  # TRL's gradient_checkpointing=False must still turn it off
-            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
+            self.activation_checkpointing = self.gradient_checkpointing is not False
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if isinstance(self.pad_to_multiple_of, str):  # the command line passes strings

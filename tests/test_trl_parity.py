@@ -175,6 +175,37 @@ def test_model_by_name_with_model_init_kwargs_and_token_options(tiny_dir, tmp_pa
                                train_dataset=rows)
 
 
+@pytest.mark.parametrize("lib", [trl, rm_scale], ids=["trl", "rm_scale"])
+def test_model_init_dtype_split_less_data_and_peft_config_type_as_in_trl(tiny_dir, tmp_path, rows, lib):
+    """The same calls through both: dtype "auto" loads; a bad dtype, a DatasetDict (load_dataset without split=) and a
+    peft_config that is not a PeftConfig raise TRL's error types and words."""
+    args = _args(lib.RewardConfig, tmp_path, max_steps=1, model_init_kwargs={"dtype": "auto"})
+    trainer = lib.RewardTrainer(model=str(tiny_dir), args=args, train_dataset=rows)
+    assert next(trainer.model.parameters()).dtype == torch.float32  # the checkpoint's own dtype
+    bad = _args(lib.RewardConfig, tmp_path, model_init_kwargs={"dtype": "fp16"})
+    with pytest.raises(ValueError, match=r"Invalid `dtype` passed to the config.*but got fp16"):
+        lib.RewardTrainer(model=str(tiny_dir), args=bad, train_dataset=rows)
+    with pytest.raises(TypeError, match=r"`train_dataset` must be a `Dataset` or `IterableDataset`, got `DatasetDict`"):
+        lib.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path),
+                          train_dataset=DatasetDict({"train": rows}))
+    with pytest.raises(TypeError, match=r"`peft_config` must be a `peft.PeftConfig` instance.*got dict"):
+        lib.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path), train_dataset=rows,
+                          peft_config={"r": 8})
+
+
+@pytest.mark.parametrize("lib", [trl, rm_scale], ids=["trl", "rm_scale"])
+def test_trls_no_gradient_checkpointing_flag_parses(tmp_path, lib):
+    from transformers import HfArgumentParser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        (off,) = HfArgumentParser(lib.RewardConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--bf16", "false", "--no_gradient_checkpointing"])
+        (on,) = HfArgumentParser(lib.RewardConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--bf16", "false"])
+    assert (off.activation_checkpointing, on.activation_checkpointing) == (False, True)
+
+
 def test_legacy_tokenised_columns_are_renamed_with_a_future_warning(tiny_dir, tmp_path, rows):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = rows.map(lambda r: {"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],

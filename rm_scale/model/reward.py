@@ -153,6 +153,16 @@ def init_score_head(model: nn.Module, *, seed: int = 0) -> None:
                 p.zero_()
 
 
+def _torch_dtype(dtype: Any) -> Any:
+    """A torch dtype, "auto" or None as given; TRL's strings turned into dtypes; anything else TRL's ValueError."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("bfloat16", "float16", "float32"):
+        return getattr(torch, dtype)
+    raise ValueError("Invalid `dtype` passed to the config. Expected either 'auto' or a string representing a valid "
+                     f"`torch.dtype` (e.g., 'float32'), but got {dtype}.")
+
+
 def load_reward_model(
     name_or_path: str,
     *,
@@ -167,8 +177,7 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _torch_dtype(dtype)
     model, info = AutoModelForSequenceClassification.from_pretrained(
         name_or_path,
         num_labels=1,

@@ -105,6 +105,7 @@ class RewardTrainer(Trainer):
     ) -> None:
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        _check_train_dataset(train_dataset)
         args = _setup_args(args, model)
         # As TRL: seeded before the model is built, so LoRA's random adapter init follows args.seed (a fresh score
         # head does not depend on it: rm_scale.model.reward.init_score_head has its own generator).
@@ -703,6 +704,7 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
                                      chat_template_path=args.chat_template_path)
     base_model(model).config.use_cache = False  # no KV cache in training; some heads reject the kwarg
     if peft_config is not None:
+        _check_peft_config(peft_config)
         if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
             # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant.
             # (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
@@ -734,6 +736,24 @@ def _one_eval_set(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -
         config = eval_stream_config(dataset, args, pairs_per_batch=args.per_device_eval_batch_size)
         return StreamedEvalSet(PairStream(config, tokenizer, rank=args.process_index, world_size=args.world_size))
     return _tokenize(dataset, tokenizer, args, name)
+
+
+def _check_peft_config(peft_config: Any) -> None:
+    from peft import PeftConfig  # lazy: peft is only needed with peft_config
+
+    if not isinstance(peft_config, PeftConfig):  # TRL's error (not an AttributeError deep inside peft)
+        raise TypeError(f"`peft_config` must be a `peft.PeftConfig` instance (e.g. `peft.LoraConfig`), got "
+                        f"{type(peft_config).__name__}.")
+
+
+def _check_train_dataset(dataset: Any) -> None:
+    """TRL's TypeError for a DatasetDict (`load_dataset(...)` without `split=`), plus the fix."""
+    from datasets import DatasetDict, IterableDatasetDict
+
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        raise TypeError(f"`train_dataset` must be a `Dataset` or `IterableDataset`, got `{type(dataset).__name__}`. "
+                        f"Pick a split: load_dataset(..., split=\"train\") or dataset[\"train\"] (splits: "
+                        f"{', '.join(dataset)}).")
 
 
 def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> Any:
