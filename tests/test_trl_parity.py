@@ -206,6 +206,16 @@ def test_trls_no_gradient_checkpointing_flag_parses(tmp_path, lib):
     assert (off.activation_checkpointing, on.activation_checkpointing) == (False, True)
 
 
+@pytest.mark.parametrize("lib", [trl, rm_scale], ids=["trl", "rm_scale"])
+def test_create_model_card_takes_trls_arguments(tiny_dir, tmp_path, rows, lib):
+    """TRL's create_model_card(model_name, dataset_name, tags), which its push_to_hub(dataset_name=...) calls."""
+    trainer = lib.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path, max_steps=1),
+                                train_dataset=rows)
+    trainer.create_model_card(model_name="my-rm", dataset_name="trl-lib/ultrafeedback_binarized", tags="my-tag")
+    card = (tmp_path / "README.md").read_text()
+    assert "my-rm" in card and "trl-lib/ultrafeedback_binarized" in card and "- my-tag" in card
+
+
 def test_legacy_tokenised_columns_are_renamed_with_a_future_warning(tiny_dir, tmp_path, rows):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = rows.map(lambda r: {"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],
