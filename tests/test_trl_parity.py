@@ -72,10 +72,20 @@ def _both(tiny_dir, tmp_path, data, *, peft=False, **kw):
                                            train_dataset=data, processing_class=copy.deepcopy(tok),
                                            peft_config=peft_config)
             trainer.train()
+            evaluated = trainer.evaluate(eval_dataset=data)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        results[name] = (losses, params)
-    (trl_losses, trl_params), (our_losses, our_params) = results["trl"], results["rm_scale"]
+        results[name] = (losses, params, [h for h in trainer.state.log_history if "loss" in h], evaluated)
+    (trl_losses, trl_params, trl_logs, trl_eval), (our_losses, our_params, our_logs, our_eval) = results.values()
+    # TRL's logged metrics under TRL's names, with TRL's values (one micro-batch per logging step here)
+    for theirs, ours in zip(trl_logs, our_logs):
+        for key in ("min_reward", "mean_reward", "max_reward", "accuracy", "margin", "num_tokens"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    for key in ("eval_loss", "eval_mean_reward", "eval_accuracy", "eval_margin"):
+        assert our_eval[key] == pytest.approx(trl_eval[key], abs=1e-5), key
+    # TRL averages each eval batch's extremes; ours are the set's own (README, "Differences from TRL")
+    assert our_eval["eval_min_reward"] <= trl_eval["eval_min_reward"] + 1e-6
+    assert our_eval["eval_max_reward"] >= trl_eval["eval_max_reward"] - 1e-6
     assert len(trl_losses) == len(our_losses) == kw.get("max_steps", 3)
     assert trl_losses == pytest.approx(our_losses, abs=1e-5)
     assert trl_params.keys() == our_params.keys()

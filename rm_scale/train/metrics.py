@@ -51,6 +51,10 @@ def compute_reward_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         "rewards_rejected_mean": float(rejected.mean()),
         "rewards_mean": float(both.mean()),
         "rewards_std": float(both.std()),
+        # TRL's names (a TRL user's metric_for_best_model / dashboards): over chosen and rejected rewards alike
+        "min_reward": float(both.min()),
+        "mean_reward": float(both.mean()),
+        "max_reward": float(both.max()),
     }
 
 
@@ -165,6 +169,8 @@ class TrainMetrics:
     def __init__(self, *, center_coef: float | None) -> None:
         self.center_coef = center_coef
         self._sums: torch.Tensor | None = None
+        self._extremes: torch.Tensor | None = None  # (max reward, -min reward): reduced with a max
+        self._tokens_seen = 0.0  # the pairs' tokens trained on by all ranks since this process started (TRL's too)
         self._balance: torch.Tensor | None = None
         self._terms: dict[str, float] = {}
         self._terms_step = -1
@@ -187,6 +193,10 @@ class TrainMetrics:
         ])
         step = torch.cat([step, histogram(chosen), histogram(rejected)])
         self._sums = step if self._sums is None else self._sums + step
+        both = torch.cat([chosen.reshape(-1), rejected.reshape(-1)])
+        if both.numel():
+            extremes = torch.stack([both.max(), -both.min()])
+            self._extremes = extremes if self._extremes is None else torch.maximum(self._extremes, extremes)
 
     def add_balance(self, rank_tokens: torch.Tensor) -> None:
         """``rank_tokens``: every rank's computed tokens of one step (the same tensor on every rank)."""
@@ -212,13 +222,27 @@ class TrainMetrics:
         bins = len(HIST_EDGES) + 1
         hist = {"edges": HIST_EDGES, "chosen": sums[len(SUM_KEYS):][:bins], "rejected": sums[-bins:]}
         logs = pair_metrics(totals, self.center_coef)
+        logs.update(self._trl_names(totals, device))
         if self._terms:
             steps = self._terms.pop("steps")
             logs["loss_exact"] += self._terms.pop("total") / steps
             logs.update({k: v / steps for k, v in self._terms.items()})
         logs.update(self._throughput(totals, device, world_size=world_size))
-        self._sums, self._balance, self._terms = None, None, {}
+        self._sums, self._extremes, self._balance, self._terms = None, None, None, {}
         return logs, hist
+
+    def _trl_names(self, totals: dict[str, float], device: torch.device) -> dict[str, float]:
+        """TRL's min_reward / mean_reward / max_reward (over chosen and rejected rewards of the window: true extremes
+        and mean, not means of per-batch ones) and num_tokens (the pairs' tokens so far). A collective."""
+        # -inf where a rank had no pair in the window, so the others' extremes win the max
+        extremes = self._extremes if self._extremes is not None else torch.full((2,), -float("inf"), device=device)
+        top, neg_low = all_reduce_max(extremes).tolist()
+        self._tokens_seen += totals["pair_tokens"]
+        out = {"num_tokens": self._tokens_seen}
+        if totals["pairs"]:
+            out.update({"min_reward": -neg_low, "mean_reward": (totals["chosen"] + totals["rejected"]) /
+                        (2 * totals["pairs"]), "max_reward": top})
+        return out
 
     def _throughput(self, totals: dict[str, float], device: torch.device, *, world_size: int) -> dict[str, float]:
         """Pairs/s and real tokens/s since the last log, padding efficiency, peak memory over ranks, rank balance."""
