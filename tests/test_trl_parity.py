@@ -226,6 +226,19 @@ def test_create_model_card_takes_trls_arguments(tiny_dir, tmp_path, rows, lib):
     assert "my-rm" in card and "trl-lib/ultrafeedback_binarized" in card and "- my-tag" in card
 
 
+@pytest.mark.parametrize("lib", [trl, rm_scale], ids=["trl", "rm_scale"])
+def test_lora_adapters_stay_fp32_over_a_bf16_model_as_in_trl(tiny_dir, tmp_path, rows, lib):
+    from peft import LoraConfig, TaskType
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1, dtype=torch.bfloat16)
+    trainer = lib.RewardTrainer(model=model, args=_args(lib.RewardConfig, tmp_path, max_steps=1), train_dataset=rows,
+                                peft_config=LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8))
+    dtypes = {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32}
+    trainer.train()  # the mixed-dtype forward trains
+    assert trainer.state.log_history[0]["loss"] > 0
+
+
 def test_legacy_tokenised_columns_are_renamed_with_a_future_warning(tiny_dir, tmp_path, rows):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = rows.map(lambda r: {"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],

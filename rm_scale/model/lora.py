@@ -42,8 +42,10 @@ def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_tok
         peft_config.trainable_token_indices = indices
     if checkpointing:
         inner.enable_input_require_grads()
-    # autocast_adapter_dtype=False: mixed adapter dtypes break ZeRO-3's all-gather (trl#6089).
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    # As TRL: adapters in fp32 over a bf16/fp16 model (peft's default: their small updates survive), except under
+    # ZeRO-3, whose coalesced all-gather breaks on mixed dtypes (trl#6089, DeepSpeed#8072): there the model's dtype
+    # (DeepSpeed's optimizer keeps fp32 master weights of them).
+    return get_peft_model(model, peft_config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
 
 
 def _check_trainable_tokens_supported() -> None:
