@@ -239,6 +239,15 @@ def test_lora_adapters_stay_fp32_over_a_bf16_model_as_in_trl(tiny_dir, tmp_path,
     assert trainer.state.log_history[0]["loss"] > 0
 
 
+@pytest.mark.parametrize("lib", [trl, rm_scale], ids=["trl", "rm_scale"])
+def test_conversations_without_a_chat_template_are_an_error_as_in_trl(tiny_dir, tmp_path, rows, lib):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat_template is not set"):
+        lib.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path), processing_class=tok,
+                          train_dataset=_conversational(rows))
+
+
 def test_legacy_tokenised_columns_are_renamed_with_a_future_warning(tiny_dir, tmp_path, rows):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = rows.map(lambda r: {"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],

@@ -145,6 +145,11 @@ def prepare_dataset(
         columns = [LEGACY_IDS.get(c, c) for c in columns]
         first = {LEGACY_IDS.get(k, k): v for k, v in (first or {}).items()}
     fmt = detect_format(columns, first)
+    if fmt == "conversational" and not getattr(tokenizer, "chat_template", None):
+        # As TRL (transformers raises it there): messages without a template would lose their roles.
+        raise ValueError("The data set holds conversations (lists of messages), but tokenizer.chat_template is not "
+                         "set. Fix: pass chat_template_path (a .jinja file, or a tokenizer folder whose template to "
+                         "use) in RewardConfig, or set tokenizer.chat_template, or give the rows as text.")
     map_kwargs = {} if iterable else {"num_proc": num_proc}
     if fmt != "pretokenized":
         dataset = dataset.map(
