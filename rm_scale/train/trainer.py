@@ -132,6 +132,11 @@ class RewardTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        if args.n_gpu > 1:  # as TRL (after Trainer.__init__: a model split by device_map sets n_gpu to 1)
+            raise ValueError(
+                f"{type(self).__name__} does not support `nn.DataParallel`, which `Trainer` uses when several GPUs are "
+                "visible to a single process. Launch the script with `accelerate launch` or `torchrun`, or make a "
+                "single GPU visible with `CUDA_VISIBLE_DEVICES`.")
         self._setup_state()
         self._setup_callbacks()
 
