@@ -248,6 +248,26 @@ def test_conversations_without_a_chat_template_are_an_error_as_in_trl(tiny_dir, 
                           train_dataset=_conversational(rows))
 
 
+def test_a_users_compute_metrics_adds_to_the_reward_metrics(tiny_dir, tmp_path, rows):
+    """Both keep the built-in eval metrics (accuracy, margin, rewards) next to the user's. The predictions differ in
+    layout (README, "Differences from TRL"): TRL 1.16 passes each eval batch's logits, chosen rows then rejected
+    rows; rm_scale passes predictions[:, (chosen, rejected)], as TRL's RewardTrainer did before 1.0."""
+    shapes = {}
+
+    def mine(pred):
+        shapes.setdefault(lib, pred.predictions.shape)
+        return {"scored": float(pred.predictions.size)}
+
+    keys = {}
+    for lib in (trl, rm_scale):
+        trainer = lib.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path / lib.__name__),
+                                    train_dataset=rows, compute_metrics=mine)
+        keys[lib] = set(trainer.evaluate(eval_dataset=rows.select(range(8))))
+    assert keys[trl] - {"eval_num_tokens"} <= keys[rm_scale]
+    assert {"eval_scored", "eval_accuracy", "eval_margin"} <= keys[rm_scale]
+    assert shapes == {trl: (16, 1), rm_scale: (8, 2)}
+
+
 def test_legacy_tokenised_columns_are_renamed_with_a_future_warning(tiny_dir, tmp_path, rows):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = rows.map(lambda r: {"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],

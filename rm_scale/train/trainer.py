@@ -126,7 +126,7 @@ class RewardTrainer(Trainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             model_init=model_init,
-            compute_metrics=compute_metrics or compute_reward_metrics,
+            compute_metrics=_with_reward_metrics(compute_metrics),
             callbacks=callbacks,
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
@@ -755,6 +755,14 @@ def _one_eval_set(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -
         config = eval_stream_config(dataset, args, pairs_per_batch=args.per_device_eval_batch_size)
         return StreamedEvalSet(PairStream(config, tokenizer, rank=args.process_index, world_size=args.world_size))
     return _tokenize(dataset, tokenizer, args, name)
+
+
+def _with_reward_metrics(user: Callable[[EvalPrediction], dict] | None) -> Callable[[EvalPrediction], dict]:
+    """The built-in metrics (accuracy, margin, reward statistics: what TRL always reports), plus the user's from the
+    same ``predictions[:, (chosen, rejected)]`` (TRL 1.16 never calls a user's compute_metrics: no labels)."""
+    if user is None:
+        return compute_reward_metrics
+    return lambda pred: {**compute_reward_metrics(pred), **user(pred)}
 
 
 def _check_peft_config(peft_config: Any) -> None:
