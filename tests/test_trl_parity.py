@@ -268,6 +268,23 @@ def test_a_users_compute_metrics_adds_to_the_reward_metrics(tiny_dir, tmp_path, 
     assert shapes == {trl: (16, 1), rm_scale: (8, 2)}
 
 
+def test_a_run_begun_with_trl_resumes_from_its_checkpoint_by_folder(tiny_dir, tmp_path, rows):
+    """A TRL checkpoint has no completion marker: resume_from_checkpoint=True says which folder to pass, and the
+    folder resumes (optimizer, scheduler, step)."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1, optim="adamw_torch")
+    theirs = trl.RewardTrainer(model=str(tiny_dir), args=_args(trl.RewardConfig, tmp_path, **kw), train_dataset=rows,
+                               processing_class=tok)
+    theirs.train()
+    ours = rm_scale.RewardTrainer(model=str(tiny_dir), args=_args(rm_scale.RewardConfig, tmp_path, max_steps=3,
+                                                                  save_strategy="no", optim="adamw_torch"),
+                                  train_dataset=rows, processing_class=tok)
+    with pytest.raises(ValueError, match=r"checkpoint-2 has no marker .*resume_from_checkpoint='.*checkpoint-2'"):
+        ours.train(resume_from_checkpoint=True)
+    ours.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert ours.state.global_step == 3 and len([h for h in ours.state.log_history if "loss" in h]) == 3
+
+
 def test_legacy_tokenised_columns_are_renamed_with_a_future_warning(tiny_dir, tmp_path, rows):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = rows.map(lambda r: {"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],

@@ -131,10 +131,13 @@ def resolve_resume(value: Any, output_dir: str | os.PathLike) -> str | None:
         found = latest_checkpoint(output_dir)
         _log_partial(output_dir, found)
         if found is None:
+            unmarked = [path.name for _, path, done in list_checkpoints(output_dir) if not done]
+            hint = (f" {unmarked[-1]} has no marker (written by TRL / transformers, or a save cut short): to resume "
+                    f"from it, pass resume_from_checkpoint={str(Path(output_dir) / unmarked[-1])!r}." if unmarked else "")
             raise ValueError(
                 f"resume_from_checkpoint=True but {output_dir} has no complete checkpoint (a checkpoint-<step> folder "
                 f"with {MARKER}). Use resume_from_checkpoint: auto to start fresh when there is none, or pass a "
-                "checkpoint folder."
+                f"checkpoint folder.{hint}"
             )
         return found
     path = Path(str(value))
