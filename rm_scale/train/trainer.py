@@ -790,6 +790,9 @@ def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> An
         return dataset
     if not hasattr(dataset, "__len__"):  # datasets.IterableDataset (load_dataset(..., streaming=True))
         # Accelerate's dispatch mode would concatenate the ranks' batches of an iterable set (as TRL, off).
+        if args.accelerator_config.dispatch_batches is True:
+            logger.warning("An IterableDataset trains with dispatch_batches=False (each rank reads its own batches); "
+                           "the dispatch_batches=True given is ignored. Unset it to remove this warning.")
         args.accelerator_config.dispatch_batches = False
         return prepare_dataset(dataset, tokenizer, max_length=args.max_length, truncation=args.truncation)
     before = len(dataset)
