@@ -73,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(parser, args, rest)
     except ValueError as e:  # a user's input: the message names the file/field and the fix; no traceback
         print(f"rm-scale {args.command}: error: {e}", file=sys.stderr)
+        _exit_without_waiting()
         return 2
+
+
+def _exit_without_waiting() -> None:
+    """A rank that failed exits at once: the other ranks may be inside a collective this one will never join, so it
+    must not wait for them at exit (rm_scale.distributed.leave_together_at_exit, armed by a finished train())."""
+    distributed = sys.modules.get("rm_scale.distributed")  # loaded only if torch was: --help stays light
+    if distributed is not None:
+        distributed.leave_together_at_exit(armed=False)
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
