@@ -45,6 +45,17 @@ def gloo_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return {"zero_optimization.reduce_scatter": False}
 
 
+def scheduler_note(config: dict[str, Any], lr_scheduler_type: Any) -> str | None:
+    """What to tell a user whose DeepSpeed JSON has a ``scheduler`` block: transformers then builds DeepSpeed's
+    scheduler and the run config's lr_scheduler_type is not used (a warning, not an error: TRL runs such JSONs)."""
+    scheduler = config.get("scheduler")
+    if not isinstance(scheduler, dict):
+        return None
+    wanted = getattr(lr_scheduler_type, "value", lr_scheduler_type)
+    return (f"The DeepSpeed JSON's scheduler ({scheduler.get('type')}) replaces lr_scheduler_type={wanted!r} of the "
+            "run config. Remove the JSON's \"scheduler\" block to train with the run config's schedule.")
+
+
 def resolve_ds_config(path: str | os.PathLike, args: Any, *, world_size: int) -> dict[str, Any]:
     """The DeepSpeed dict the engine will get for ``args`` at ``world_size`` processes (model-size keys stay auto)."""
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig

@@ -122,6 +122,20 @@ def test_dry_run_prints_the_resolved_config_and_deepspeed_dict():
     assert "# data.train (map-style)" in proc.stdout and "pair 1: prompt:" in proc.stdout  # the data is read too
 
 
+def test_a_deepspeed_scheduler_block_is_called_out_and_no_shipped_json_has_one(tmp_path):
+    """A JSON "scheduler" makes transformers build DeepSpeed's schedule instead of the recipe's lr_scheduler_type
+    (the offload JSON shipped a WarmupDecayLR under a cosine recipe): --dry-run warns; the shipped JSONs have none."""
+    assert not [p.name for p in (ROOT / "ds_configs").glob("*.json") if "scheduler" in json.loads(p.read_text())]
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto"}}
+    ds = tmp_path / "sched.json"
+    ds.write_text(json.dumps(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rm_scale", "train", "--config", "recipes/zero3.yaml", "--dry-run", "--deepspeed",
+         str(ds), "--lr_scheduler_type", "cosine"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "# warning: The DeepSpeed JSON's scheduler (WarmupDecayLR) replaces lr_scheduler_type='cosine'" in proc.stdout
+
+
 def test_yaml_exponent_floats_are_numbers(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, learning_rate: 1e-5}\n")

@@ -180,7 +180,7 @@ def _score_parsers(sub: Any) -> None:
 def dry_run(recipe: dict[str, Any], *, launch_config: str | None = None) -> int:
     """Print the recipe after overrides, the resolved RewardConfig and the final DeepSpeed dict."""
     from rm_scale.config import RewardConfig  # lazy: imports torch and transformers
-    from rm_scale.dsconfig import resolve_ds_config  # lazy, with the line above
+    from rm_scale.dsconfig import resolve_ds_config, scheduler_note  # lazy, with the line above
 
     ds_path, world_size = recipe["train"].get("deepspeed"), int(os.environ.get("WORLD_SIZE", "1"))
     if launch_config:
@@ -195,7 +195,11 @@ def dry_run(recipe: dict[str, Any], *, launch_config: str | None = None) -> int:
     print("# RewardConfig (resolved)")
     print(json.dumps(_jsonable(args.to_dict()), indent=2, sort_keys=True))
     print(f"# DeepSpeed ({ds_path or 'none'}, world size {world_size})")
-    print(json.dumps(resolve_ds_config(ds_path, args, world_size=world_size) if ds_path else None, indent=2))
+    resolved = resolve_ds_config(ds_path, args, world_size=world_size) if ds_path else None
+    print(json.dumps(resolved, indent=2))
+    note = scheduler_note(resolved, args.lr_scheduler_type) if resolved else None
+    if note:
+        print(f"# warning: {note}")
     return _dry_run_data(recipe, args)
 
 

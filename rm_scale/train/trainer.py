@@ -45,7 +45,7 @@ from rm_scale.distributed import (
     all_reduce_sum,
     leave_together_at_exit,
 )
-from rm_scale.dsconfig import gloo_defaults, on_gloo
+from rm_scale.dsconfig import gloo_defaults, on_gloo, scheduler_note
 from rm_scale.loss import BatchMoments, GlobalTerms, global_terms, global_terms_value, total_loss
 from rm_scale.model.last_layer import use_sparse_last_layer
 from rm_scale.model.lean_layers import use_lean_layers
@@ -681,6 +681,9 @@ def _setup_args(args: RewardConfig | None, model: Any) -> RewardConfig:
     if plugin is not None and on_gloo(args.ddp_backend, args.world_size):
         # under ZeRO-3: the gradient reduce in place, not through two full-size copies (see gloo_defaults)
         gloo_defaults(plugin.deepspeed_config)  # the dict the engine gets: the Trainer copies it on
+    note = scheduler_note(plugin.deepspeed_config, args.lr_scheduler_type) if plugin is not None else None
+    if note and args.process_index == 0:
+        logger.warning(note)
     return args
 
 
