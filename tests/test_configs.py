@@ -136,6 +136,22 @@ def test_a_deepspeed_scheduler_block_is_called_out_and_no_shipped_json_has_one(t
     assert "# warning: The DeepSpeed JSON's scheduler (WarmupDecayLR) replaces lr_scheduler_type='cosine'" in proc.stdout
 
 
+def test_model_loading_options_from_the_model_section_or_train_model_init_kwargs():
+    """RewardConfig's model_init_kwargs / trust_remote_code in a recipe's train section load the model under
+    `rm-scale train` too (they applied only to a model given by name in Python); a clash is an error."""
+    from rm_scale.commands.recipe import resolve_model
+
+    spec = resolve_model({"model": {"name_or_path": "m", "revision": "v1"},
+                          "train": {"model_init_kwargs": {"dtype": "bfloat16", "attn_implementation": "eager"}}})
+    assert spec.load_kwargs() == {"dtype": "bfloat16", "trust_remote_code": False, "revision": "v1",
+                                  "attn_implementation": "eager"}
+    with pytest.raises(ValueError, match=r"model.dtype='float32' but train sets dtype='bfloat16': set it in one"):
+        resolve_model({"model": {"name_or_path": "m", "dtype": "float32"},
+                       "train": {"model_init_kwargs": {"dtype": "bfloat16"}}})
+    with pytest.raises(ValueError, match=r"\['device_map'\] not supported by rm-scale train"):
+        resolve_model({"model": {"name_or_path": "m"}, "train": {"model_init_kwargs": {"device_map": "auto"}}})
+
+
 def test_yaml_exponent_floats_are_numbers(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {name_or_path: x}\ndata: {train: [a.jsonl]}\ntrain: {output_dir: o, learning_rate: 1e-5}\n")

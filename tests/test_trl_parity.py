@@ -391,6 +391,10 @@ def test_trls_command_line_works_without_a_recipe_and_the_model_gets_a_card(tiny
     assert recipe["data"] == {"train": ["hub:trl-lib/ultrafeedback:default@train"],
                               "eval": ["hub:trl-lib/ultrafeedback:default@test"]}
     assert recipe["model"]["name_or_path"] == "org/model" and recipe["train"]["eval_strategy"] == "steps"
+    recipe = recipe_from_trl_flags(["--model_name_or_path", "org/model", "--dataset_name", "d", "--output_dir", "o",
+                                    "--model_revision", "v2", "--attn_implementation", "eager"])
+    assert recipe["model"] == {"name_or_path": "org/model", "dtype": "float32", "revision": "v2",
+                               "attn_implementation": "eager"}  # TRL's ModelConfig flags are used, not dropped
 
 
 def test_row_tools_and_template_kwargs_reach_the_chat_template(tiny_dir, tmp_path):

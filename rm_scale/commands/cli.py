@@ -213,7 +213,8 @@ def _dry_run_data(recipe: dict[str, Any], args: Any) -> int:
     from rm_scale.model.reward import ensure_pad_token  # lazy, as in dry_run
 
     data, model = resolve_data(recipe, args), resolve_model(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code,
+                                              revision=model.revision)
     ensure_pad_token(tokenizer)
     config = stream_config(data.train, args, split="train")
     print(f"# data.train ({'streamed' if data.streaming else 'map-style'})")

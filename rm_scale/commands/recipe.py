@@ -21,7 +21,7 @@ from rm_scale.data.sources import Source, file_kind, parse_sources, resolve_file
 from rm_scale.model.pretrained import smollm2_path
 
 SECTIONS = ("model", "lora", "data", "train")
-MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code"}
+MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code", "revision", "attn_implementation"}
 DATA_KEYS = {"train", "eval", "streaming"}
 LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "use_rslora"}
 # The model shipped with rm_scale (no download); shipped data names live in rm_scale.data.sources.
@@ -169,6 +169,15 @@ class ModelSpec:
     path: str
     dtype: str = "float32"
     trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` keywords beyond the path (the model's; the tokenizer takes the revision too)."""
+        out: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        out.update({k: v for k, v in (("revision", self.revision), ("attn_implementation", self.attn_implementation))
+                    if v is not None})
+        return out
 
 
 @dataclass(frozen=True)
@@ -182,9 +191,23 @@ class DataSpec:
 
 
 def resolve_model(recipe: dict[str, Any]) -> ModelSpec:
-    model = recipe["model"]
-    return ModelSpec(path=resolve_model_path(model["name_or_path"]), dtype=model.get("dtype", "float32"),
-                     trust_remote_code=bool(model.get("trust_remote_code", False)))
+    """The model section, with what ``train.model_init_kwargs`` / ``train.trust_remote_code`` say (RewardConfig
+    fields that would otherwise apply only to a model given by name in Python); the same key set differently in both
+    places is an error."""
+    model, train = recipe["model"], recipe.get("train", {})
+    merged = {**(train.get("model_init_kwargs") or {}), "trust_remote_code": train.get("trust_remote_code")}
+    merged = {k: v for k, v in merged.items() if v is not None}
+    unknown = sorted(set(merged) - (MODEL_KEYS - {"name_or_path"}))
+    if unknown:
+        raise ValueError(f"train.model_init_kwargs: {unknown} not supported by rm-scale train (it takes "
+                         f"{sorted(MODEL_KEYS - {'name_or_path', 'trust_remote_code'})}); drop them.")
+    for key, value in model.items():
+        if key in merged and merged[key] != value:
+            raise ValueError(f"model.{key}={value!r} but train sets {key}={merged[key]!r}: set it in one place.")
+    merged.update({k: v for k, v in model.items() if k != "name_or_path"})
+    return ModelSpec(path=resolve_model_path(model["name_or_path"]), dtype=merged.get("dtype", "float32"),
+                     trust_remote_code=bool(merged.get("trust_remote_code", False)), revision=merged.get("revision"),
+                     attn_implementation=merged.get("attn_implementation"))
 
 
 def resolve_data(recipe: dict[str, Any], args: RewardConfig) -> DataSpec:
@@ -204,7 +227,8 @@ def resolve_data(recipe: dict[str, Any], args: RewardConfig) -> DataSpec:
 
 # TRL's command line (`trl reward --model_name_or_path M --dataset_name D ...`): ScriptArguments and ModelConfig flags.
 TRL_DATA_FLAGS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split")
-TRL_MODEL_FLAGS = ("model_name_or_path", "model_revision", "dtype", "torch_dtype", "trust_remote_code")
+TRL_MODEL_FLAGS = ("model_name_or_path", "model_revision", "dtype", "torch_dtype", "trust_remote_code",
+                   "attn_implementation")
 TRL_LORA_FLAGS = {"use_peft": None, "lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                   "lora_target_modules": "target_modules"}
 
@@ -224,6 +248,8 @@ def recipe_from_trl_flags(args: Sequence[str]) -> dict[str, Any]:
                                                                                                 "float32"))}
     if flags.get("trust_remote_code", "false").lower() == "true":
         model["trust_remote_code"] = True
+    model.update({key: flags[flag] for flag, key in (("model_revision", "revision"),
+                                                     ("attn_implementation", "attn_implementation")) if flag in flags})
     name, config = flags["dataset_name"], flags.get("dataset_config")
     data: dict[str, Any] = {"train": [dataset_path(name, config, flags.get("dataset_train_split", "train"))]}
     eval_strategy = flags.get("eval_strategy", "no")

@@ -34,11 +34,11 @@ def train_from_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     args = RewardConfig(**recipe["train"])
     model_spec, data_spec = resolve_model(recipe), resolve_data(recipe, args)
     _preflight(args, data_spec)  # clear errors now, not after the model is loaded
-    tokenizer = AutoTokenizer.from_pretrained(model_spec.path, trust_remote_code=model_spec.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_spec.path, trust_remote_code=model_spec.trust_remote_code,
+                                              revision=model_spec.revision)
     ensure_pad_token(tokenizer)
     train_data, eval_data, data_report = _data(data_spec, args, tokenizer)  # data errors before the model loads
-    model = load_reward_model(model_spec.path, dtype=model_spec.dtype, score_head_seed=args.score_head_seed,
-                              trust_remote_code=model_spec.trust_remote_code)
+    model = load_reward_model(model_spec.path, score_head_seed=args.score_head_seed, **model_spec.load_kwargs())
     trainer = RewardTrainer(model=model, args=args, tokenizer=tokenizer, train_dataset=train_data,
                             eval_dataset=eval_data, peft_config=_lora(recipe))
     set_wandb_recipe(trainer, recipe)
