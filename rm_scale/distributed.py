@@ -72,7 +72,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-_LEAVE_AT_EXIT: dict[str, bool] = {}  # "armed": whether the exit hook (registered once) waits for the others
+_LEAVE_AT_EXIT: dict[str, bool] = {}  # "armed": whether the exit hook waits for the others
 
 
 def leave_together_at_exit(armed: bool = True) -> None:
@@ -84,14 +84,19 @@ def leave_together_at_exit(armed: bool = True) -> None:
     Disarmed (``armed=False``) while training, and left so when training raised: a script that catches the error
     and exits must exit at once, not wait in a barrier for ranks that may be inside another collective. After an
     unhandled exception there is no barrier either. A peer that is only slow (rank 0 still saving) is waited for,
-    up to the group's timeout (``ddp_timeout``)."""
-    if not _LEAVE_AT_EXIT:
-        atexit.register(_leave_at_exit)
+    up to the group's timeout (``ddp_timeout``) -- also one that failed after train() and whose script then exits
+    without raising: call this with ``armed=False`` in such an error path.
+
+    Each call moves the hook to the end of atexit's list, so it runs before the hooks registered until then (the
+    heartbeats keep beating while it waits)."""
+    atexit.unregister(_leave_at_exit)
+    atexit.register(_leave_at_exit)
     _LEAVE_AT_EXIT["armed"] = armed
 
 
 def _leave_at_exit() -> None:
-    unhandled = getattr(sys, "last_value", None) is not None  # set when an exception ended the script
+    # set when an exception ended the script (last_exc: Python 3.12+; last_value: all versions)
+    unhandled = getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None
     if not _LEAVE_AT_EXIT.get("armed") or unhandled:
         return
     try:

@@ -129,6 +129,22 @@ def test_every_shipped_launch_mode_trains_two_ranks_like_one_process(setup, one_
     assert (out / "final" / "model.safetensors").exists()
 
 
+def test_a_bf16_model_with_lora_trains_under_zero2(setup, tmp_path):
+    """Under DeepSpeed the adapters keep the model's dtype (fp32 adapters next to the bf16 score head fail ZeRO-1/2's
+    forward: "expected m1 and m2 to have the same dtype"); without DeepSpeed they are fp32 (tests/test_trl_parity)."""
+    import yaml
+
+    tmp, _, recipe = setup
+    r = yaml.safe_load(recipe.read_text())
+    r["model"]["dtype"], r["lora"] = "bfloat16", {"r": 4, "lora_alpha": 8}
+    bf16 = tmp_path / "bf16_lora.yaml"
+    bf16.write_text(yaml.safe_dump(r))
+    launch = launch_config("zero2.yaml", tmp_path, ds_config=tiny_ds_config("zero2.json", tmp_path))
+    run_train(bf16, ["--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--max_steps", "2"],
+              launch=launch)
+    assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
+
+
 def _uneven_files(tmp):
     """Two files, so the stream shards by file: rank 0 gets 24 pairs, rank 1 only 3."""
     rows = [json.loads(line) for line in open(resolve_data_files(["rm_scale:demo/train"])[0])]

@@ -180,7 +180,8 @@ def test_collectives_accelerator_and_deepspeed_stay_in_their_rooms():
         "accelerate": {"rm_scale.train.trainer"},
         "deepspeed": {"rm_scale.model.reward"},  # GatheredParameters for the score-head init
         "bench": set(),  # the benchmark harness is not part of the library
-        # rm_scale's own state (data positions, markers, reports) is JSON; weights are safetensors (README, Security)
+        # rm_scale's own state (data positions, markers, reports) is JSON; weights are safetensors
+        # (README, "Preemption, checkpoints, faults")
         "torch.load / pickle": set(),
     }
     wrong = []

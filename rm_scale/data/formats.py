@@ -4,7 +4,8 @@ Formats recognised per row (first match wins):
 - pre-tokenised (the seed's): `input_ids_chosen`, `attention_mask_chosen`, `input_ids_rejected`, `attention_mask_rejected`
 - TRL's pre-tokenised: `chosen_ids`, `rejected_ids`
 - conversational: `chosen`/`rejected` (and optional `prompt`) are lists of `{"role", "content"}` messages, rendered
-  by the chat template (without one: the turns joined by a blank line)
+  by the chat template (without one: TRL's error for a data set given to the trainer; files read through a mapping or
+  preset join the turns by a blank line)
 - text with an explicit `prompt`: `prompt`, `chosen`, `rejected` strings
 - text with an implicit prompt: `chosen`, `rejected` are whole transcripts sharing their beginning (as hh-rlhf)
 An optional `margin` column passes through to the loss.

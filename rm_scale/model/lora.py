@@ -15,7 +15,8 @@ from rm_scale.model.reward import SCORE_HEAD_NAMES, base_model
 logger = logging.getLogger(__name__)
 
 
-def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_token_ids: list[int] = ()) -> nn.Module:
+def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_token_ids: list[int] = (),
+             deepspeed: bool = False) -> nn.Module:
     """``get_peft_model`` with the score head in ``modules_to_save``; the caller's ``peft_config`` is not changed.
     The embedding rows of ``new_token_ids`` (tokens a cloned chat template added) are trained too, as in TRL.
 
@@ -42,10 +43,11 @@ def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_tok
         peft_config.trainable_token_indices = indices
     if checkpointing:
         inner.enable_input_require_grads()
-    # As TRL: adapters in fp32 over a bf16/fp16 model (peft's default: their small updates survive), except under
-    # ZeRO-3, whose coalesced all-gather breaks on mixed dtypes (trl#6089, DeepSpeed#8072): there the model's dtype
-    # (DeepSpeed's optimizer keeps fp32 master weights of them).
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    # Without DeepSpeed, adapters in fp32 over a bf16/fp16 model, as TRL (peft's default: their small updates
+    # survive). Under DeepSpeed, the model's dtype: ZeRO-3's coalesced all-gather breaks on mixed dtypes (trl#6089,
+    # DeepSpeed#8072) and ZeRO-1/2 fail in the forward (fp32 adapters next to a bf16 score head; measured with 2 CPU ranks);
+    # DeepSpeed's optimizer keeps fp32 master weights of them where bf16 is on.
+    return get_peft_model(model, peft_config, autocast_adapter_dtype=not deepspeed)
 
 
 def _check_trainable_tokens_supported() -> None:

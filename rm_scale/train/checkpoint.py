@@ -131,7 +131,8 @@ def resolve_resume(value: Any, output_dir: str | os.PathLike) -> str | None:
         found = latest_checkpoint(output_dir)
         _log_partial(output_dir, found)
         if found is None:
-            unmarked = [path.name for _, path, done in list_checkpoints(output_dir) if not done]
+            unmarked = [path.name for _, path, done in list_checkpoints(output_dir)
+                        if not done and (path / "trainer_state.json").exists()]
             hint = (f" {unmarked[-1]} has no marker (written by TRL / transformers, or a save cut short): to resume "
                     f"from it, pass resume_from_checkpoint={str(Path(output_dir) / unmarked[-1])!r}." if unmarked else "")
             raise ValueError(

@@ -126,7 +126,7 @@ class RewardTrainer(Trainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             model_init=model_init,
-            compute_metrics=_with_reward_metrics(compute_metrics),
+            compute_metrics=compute_metrics if args.batch_eval_metrics else _with_reward_metrics(compute_metrics),
             callbacks=callbacks,
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
@@ -342,6 +342,9 @@ class RewardTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """`Trainer.train`, plus: ``resume_from_checkpoint="auto"`` (the latest COMPLETE checkpoint of output_dir,
         else a fresh start; True needs one), and a signal-triggered checkpoint that ends in `TrainingPreempted`."""
+        gloo = on_gloo(self.args.ddp_backend, self.args.world_size)
+        if gloo:  # disarmed first: a rank that fails anywhere in here must not wait for the others at exit
+            leave_together_at_exit(armed=False)
         resume_from_checkpoint = ckpt.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint is not None:
             self._prepare_resume(resume_from_checkpoint)
@@ -350,8 +353,7 @@ class RewardTrainer(Trainer):
         if self._preemption is not None:
             self._preemption.reset()
             self._preemption.install()
-        gloo = on_gloo(self.args.ddp_backend, self.args.world_size)
-        if gloo:  # registered after the heartbeats' exit hook, so it runs first: they beat while we wait
+        if gloo:  # moved after the heartbeats' exit hook, so it runs first: they beat while it waits
             leave_together_at_exit(armed=False)
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -731,7 +733,8 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
             # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant.
             # (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
             args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": True}
-        model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing, new_token_ids=new_tokens)
+        model = add_lora(model, peft_config, checkpointing=args.activation_checkpointing, new_token_ids=new_tokens,
+                         deepspeed=args.deepspeed_plugin is not None)
     if args.disable_dropout:  # after PEFT: LoRA's own dropout too
         disable_dropout(model)
     packed = args.batching == "packed" and args.packed_attention and use_packed_attention(base_model(model))
@@ -762,7 +765,8 @@ def _one_eval_set(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -
 
 def _with_reward_metrics(user: Callable[[EvalPrediction], dict] | None) -> Callable[[EvalPrediction], dict]:
     """The built-in metrics (accuracy, margin, reward statistics: what TRL always reports), plus the user's from the
-    same ``predictions[:, (chosen, rejected)]`` (TRL 1.16 never calls a user's compute_metrics: no labels)."""
+    same ``predictions[:, (chosen, rejected)]``. (With batch_eval_metrics the user's function is passed as it is: it
+    is called per batch with ``compute_result``.)"""
     if user is None:
         return compute_reward_metrics
     return lambda pred: {**compute_reward_metrics(pred), **user(pred)}
@@ -794,7 +798,7 @@ def _tokenize(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -> An
     if not hasattr(dataset, "__len__"):  # datasets.IterableDataset (load_dataset(..., streaming=True))
         # Accelerate's dispatch mode would concatenate the ranks' batches of an iterable set (as TRL, off).
         if args.accelerator_config.dispatch_batches is True:
-            logger.warning("An IterableDataset trains with dispatch_batches=False (each rank reads its own batches); "
+            logger.warning("An IterableDataset is read with dispatch_batches=False (each rank reads its own batches); "
                            "the dispatch_batches=True given is ignored. Unset it to remove this warning.")
         args.accelerator_config.dispatch_batches = False
         return prepare_dataset(dataset, tokenizer, max_length=args.max_length, truncation=args.truncation)
