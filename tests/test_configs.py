@@ -106,6 +106,9 @@ def test_recipe_errors_name_the_key_and_the_fix(tmp_path):
         load_recipe(ROOT / "recipes" / "zero3.yaml", ["--nope", "1"])
     recipe = load_recipe(ROOT / "recipes" / "zero3.yaml", ["--learning_rate", "5e-6", "--lora.r", "4"])
     assert recipe["train"]["learning_rate"] == 5e-6 and recipe["lora"] == {"r": 4}
+    # TRL's --no_gradient_checkpointing (HfArgumentParser's form) turns it off, also over the recipe's own setting
+    recipe = load_recipe(ROOT / "recipes" / "zero3.yaml", ["--no_gradient_checkpointing", "--output_dir", "o"])
+    assert RewardConfig(**recipe["train"]).activation_checkpointing is False
 
 
 def test_dry_run_prints_the_resolved_config_and_deepspeed_dict():

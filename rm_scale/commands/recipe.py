@@ -91,6 +91,10 @@ def _apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> None:
     for flag, raw in flag_pairs(overrides):
         key = flag[2:].replace("-", "_")
         value = _parse_value(raw)
+        if key.startswith("no_") and key not in train_fields and key[3:] in train_fields and value is True:
+            key, value = key[3:], False  # HfArgumentParser's --no_<flag> for a field that is on by default
+        if key == "gradient_checkpointing":  # TRL's name: it must win over a recipe's activation_checkpointing
+            recipe["train"]["activation_checkpointing"] = value
         if "." in key:
             section, key = key.split(".", 1)
         elif key in train_fields:
