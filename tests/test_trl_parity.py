@@ -222,8 +222,11 @@ def test_create_model_card_takes_trls_arguments(tiny_dir, tmp_path, rows, lib):
     """TRL's create_model_card(model_name, dataset_name, tags), which its push_to_hub(dataset_name=...) calls."""
     trainer = lib.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path, max_steps=1),
                                 train_dataset=rows)
+    trainer.evaluate(eval_dataset=rows.select(range(8)))
     trainer.create_model_card(model_name="my-rm", dataset_name="trl-lib/ultrafeedback_binarized", tags="my-tag")
     card = (tmp_path / "README.md").read_text()
+    if lib is rm_scale:
+        assert "| eval_accuracy |" in card  # the latest evaluation
     assert "my-rm" in card and "trl-lib/ultrafeedback_binarized" in card
     assert re.search(r'^- "?my-tag"?$', card, re.M)  # a YAML list item, quoted or not
 

@@ -530,15 +530,18 @@ class RewardTrainer(Trainer):
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, **kwargs: Any) -> None:
         """TRL's signature (so ``push_to_hub(dataset_name=...)`` works): rm_scale's card in ``output_dir/README.md``
-        (rank 0), naming ``dataset_name`` as the data when given. transformers' other card fields are accepted and
-        not used."""
+        (rank 0), naming ``dataset_name`` as the data when given, with the latest evaluation. transformers' other card
+        fields are accepted and not used."""
         if not self.is_world_process_zero():
             return
         tags = [tags] if isinstance(tags, str) else list(tags or [])
+        evaluations = [h for h in self.state.log_history if any(k.endswith("_loss") and k != "loss" for k in h)]
+        metrics = {k: v for k, v in (evaluations[-1] if evaluations else {}).items()
+                   if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
         os.makedirs(self.args.output_dir, exist_ok=True)
         write_model_card(self.args.output_dir, base_model=str(base_model(self.model).config._name_or_path),
                          data=[dataset_name] if dataset_name else self._data_description,
-                         hyperparameters=self._card_settings(), metrics={},
+                         hyperparameters=self._card_settings(), metrics=metrics,
                          adapter=getattr(self.model, "peft_config", None) is not None, model_name=model_name, tags=tags)
 
     def _card_settings(self) -> dict[str, Any]:
