@@ -231,3 +231,13 @@ def test_the_callers_args_and_peft_config_are_not_changed(tiny_dir, tmp_path):
     assert args.to_dict() == before_args and peft.to_dict() == before_peft
     assert trainer.args.ignore_data_skip and trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": True}
     assert "score" in trainer.model.peft_config["default"].modules_to_save
+    # an IterableDataset turns dispatch_batches off on the trainer's args only
+    from datasets import IterableDataset
+
+    from rm_scale.commands.recipe import load_preference_files
+
+    rows = load_preference_files(["rm_scale:demo/train"]).select(range(8))
+    args = _args(tmp_path, max_steps=1, accelerator_config={"dispatch_batches": True})
+    trainer = RewardTrainer(model=str(tiny_dir), args=args, tokenizer=AutoTokenizer.from_pretrained(tiny_dir),
+                            train_dataset=IterableDataset.from_generator(lambda: iter(rows)))
+    assert args.accelerator_config.dispatch_batches is True and trainer.args.accelerator_config.dispatch_batches is False

@@ -682,6 +682,7 @@ def _setup_args(args: RewardConfig | None, model: Any) -> RewardConfig:
             "TrainingArguments field: RewardConfig(**training_args.to_dict())."
         )
     args = copy.copy(args)  # the trainer sets a few fields (ignore_data_skip, checkpointing kwargs) on its own copy
+    args.accelerator_config = copy.copy(args.accelerator_config)  # and dispatch_batches (an IterableDataset)
     plugin = args.deepspeed_plugin  # DeepSpeed from `deepspeed=` or the accelerate config
     if plugin is not None and on_gloo(args.ddp_backend, args.world_size):
         # under ZeRO-3: the gradient reduce in place, not through two full-size copies (see gloo_defaults)
