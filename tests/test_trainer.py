@@ -240,4 +240,5 @@ def test_the_callers_args_and_peft_config_are_not_changed(tiny_dir, tmp_path):
     args = _args(tmp_path, max_steps=1, accelerator_config={"dispatch_batches": True})
     trainer = RewardTrainer(model=str(tiny_dir), args=args, tokenizer=AutoTokenizer.from_pretrained(tiny_dir),
                             train_dataset=IterableDataset.from_generator(lambda: iter(rows)))
-    assert args.accelerator_config.dispatch_batches is True and trainer.args.accelerator_config.dispatch_batches is False
+    assert args.accelerator_config.dispatch_batches is True
+    assert trainer.args.accelerator_config.dispatch_batches is False
