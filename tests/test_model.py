@@ -153,21 +153,22 @@ def test_packed_attention_computes_each_sequence_block_with_the_same_result(kv_h
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"]
 
 
-def _arch(name):
+def _arch(name, attn="sdpa"):
     import transformers
 
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_labels=1, pad_token_id=0, attn_implementation="sdpa")
+                  num_key_value_heads=2, num_labels=1, pad_token_id=0, attn_implementation=attn)
     extra = {"Mistral": {"sliding_window": 4096}, "Qwen3": {"head_dim": 8}}.get(name, {})
     config = getattr(transformers, f"{name}Config")(**common, **extra)
     return getattr(transformers, f"{name}ForSequenceClassification")(config)
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2", "Qwen3"])
-@pytest.mark.parametrize("layout", ["right", "left", "packed", "packed_attention"])
+@pytest.mark.parametrize("layout", ["right", "left", "packed", "packed_attention", "eager_left", "eager_packed"])
 def test_sparse_last_layer_gives_the_full_layers_rewards_and_gradients(arch, layout):
     """rm_scale.model.last_layer: the last layer computed at the read tokens only == the full last layer (rewards and every
-    parameter's gradient), for padded (right/left) and packed batches (block-diagonal mask or per-sequence SDPA)."""
+    parameter's gradient), for padded (right/left) and packed batches (block-diagonal mask or per-sequence SDPA), and
+    with eager attention (its 4-D mask is additive floats, not booleans)."""
     import copy
 
     from rm_scale.model.last_layer import use_sparse_last_layer
@@ -176,7 +177,8 @@ def test_sparse_last_layer_gives_the_full_layers_rewards_and_gradients(arch, lay
     from rm_scale.data.collate import pack_pairs
 
     torch.manual_seed(0)
-    full = _arch(arch)
+    full = _arch(arch, "eager" if layout.startswith("eager") else "sdpa")
+    layout = layout.removeprefix("eager_")
     sparse = copy.deepcopy(full)
     assert use_sparse_last_layer(sparse) and not use_sparse_last_layer(torch.nn.Linear(2, 2))
     if layout == "packed_attention":

@@ -140,8 +140,8 @@ def _key_mask(attention_mask: torch.Tensor | None, spans: list[torch.Tensor] | N
               cols: torch.Tensor, width: int) -> torch.Tensor:
     """(N, 1, 1, T) mask of the keys each read token attends to. Packed (``spans`` = its sequence's start, the end of
     a shared prefix, the start of its own tokens): the prefix and its own tokens up to itself (a plain sequence has
-    prefix end = own start = start). Else its own row of the layer's 4-D mask; else the row's real tokens (2-D
-    padding mask) or every key up to itself."""
+    prefix end = own start = start). Else its own row of the layer's 4-D mask (boolean or additive); else the row's
+    real tokens (2-D padding mask) or every key up to itself."""
     positions = torch.arange(width, device=cols.device)
     causal = positions <= cols[:, None]
     if spans is not None:
@@ -153,4 +153,6 @@ def _key_mask(attention_mask: torch.Tensor | None, spans: list[torch.Tensor] | N
     if attention_mask.dim() == 2:
         return (causal & attention_mask[rows].bool())[:, None, None, :]
     mask_rows = rows if attention_mask.shape[0] > 1 else torch.zeros_like(rows)
-    return attention_mask[mask_rows, 0, cols, :][:, None, None, :]
+    keys = attention_mask[mask_rows, 0, cols, :][:, None, None, :]
+    # eager attention's 4-D mask is additive (0 where a key is seen, the dtype's minimum where not); sdpa's is boolean
+    return keys if keys.dtype == torch.bool else keys == 0
