@@ -273,6 +273,29 @@ def test_a_users_compute_metrics_adds_to_the_reward_metrics(tiny_dir, tmp_path, 
     assert shapes == {trl: (16, 1), rm_scale: (8, 2)}
 
 
+@pytest.mark.parametrize("lib", [trl, rm_scale], ids=["trl", "rm_scale"])
+def test_batch_eval_metrics_keeps_the_reward_metrics(tiny_dir, tmp_path, rows, lib):
+    """batch_eval_metrics=True: the user's function is called per batch with compute_result, and the reward metrics
+    are still reported (rm_scale: from every row, equal to a plain evaluation's)."""
+    calls = []
+
+    def mine(pred, compute_result=False):
+        calls.append(compute_result)
+        return {"x": 1.0} if compute_result else {}
+
+    args = _args(lib.RewardConfig, tmp_path, batch_eval_metrics=True, per_device_eval_batch_size=8)
+    trainer = lib.RewardTrainer(model=str(tiny_dir), args=args, train_dataset=rows, compute_metrics=mine)
+    batched = trainer.evaluate(eval_dataset=rows)
+    assert calls == [False, False, True] and batched["eval_x"] == 1.0
+    if lib is rm_scale:
+        plain = rm_scale.RewardTrainer(model=str(tiny_dir), args=_args(lib.RewardConfig, tmp_path),
+                                       train_dataset=rows).evaluate(eval_dataset=rows)
+        for key in ("eval_accuracy", "eval_margin", "eval_mean_reward", "eval_min_reward", "eval_loss"):
+            assert batched[key] == pytest.approx(plain[key], abs=1e-6), key
+    else:
+        assert "eval_accuracy" in batched
+
+
 def test_a_run_begun_with_trl_resumes_from_its_checkpoint_by_folder(tiny_dir, tmp_path, rows):
     """A TRL checkpoint has no completion marker: resume_from_checkpoint=True says which folder to pass, and the
     folder resumes (optimizer, scheduler, step)."""

@@ -126,7 +126,8 @@ class RewardTrainer(Trainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             model_init=model_init,
-            compute_metrics=compute_metrics if args.batch_eval_metrics else _with_reward_metrics(compute_metrics),
+            compute_metrics=(_with_batched_reward_metrics(compute_metrics) if args.batch_eval_metrics
+                             else _with_reward_metrics(compute_metrics)),
             callbacks=callbacks,
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
@@ -567,6 +568,7 @@ class RewardTrainer(Trainer):
         metrics ``eval_<name>_*``) is prepared as at init. A string names one of the init's eval sets."""
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = _setup_eval_data(eval_dataset, self.processing_class, self.args)
+        getattr(self.compute_metrics, "reset", lambda: None)()
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                 metric_key_prefix=metric_key_prefix)
 
@@ -769,11 +771,28 @@ def _one_eval_set(dataset: Any, tokenizer: Any, args: RewardConfig, name: str) -
 
 def _with_reward_metrics(user: Callable[[EvalPrediction], dict] | None) -> Callable[[EvalPrediction], dict]:
     """The built-in metrics (accuracy, margin, reward statistics: what TRL always reports), plus the user's from the
-    same ``predictions[:, (chosen, rejected)]``. (With batch_eval_metrics the user's function is passed as it is: it
-    is called per batch with ``compute_result``.)"""
+    same ``predictions[:, (chosen, rejected)]``."""
     if user is None:
         return compute_reward_metrics
     return lambda pred: {**compute_reward_metrics(pred), **user(pred)}
+
+
+def _with_batched_reward_metrics(user: Callable[..., dict] | None) -> Callable[..., dict]:
+    """batch_eval_metrics: transformers calls this per eval batch (every rank's rows) with ``compute_result`` True at
+    the last one. The user's function sees each batch as it would alone; the built-in metrics come from all rows."""
+    seen: list[torch.Tensor] = []
+
+    def metrics(pred: EvalPrediction, compute_result: bool = False) -> dict:
+        seen.append(torch.as_tensor(pred.predictions).detach().float().cpu())
+        mine = user(pred, compute_result=compute_result) if user is not None else {}
+        if not compute_result:
+            return mine
+        rewards = torch.cat(seen).numpy()
+        seen.clear()
+        return {**compute_reward_metrics(EvalPrediction(rewards, None)), **(mine or {})}
+
+    metrics.reset = seen.clear  # RewardTrainer.evaluate: no rows left from an evaluation that raised
+    return metrics
 
 
 def _check_peft_config(peft_config: Any) -> None:
