@@ -106,6 +106,8 @@ class RewardTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         _check_train_dataset(train_dataset)
+        if peft_config is not None:  # before the model loads
+            _check_peft_config(peft_config)
         args = _setup_args(args, model)
         # As TRL: seeded before the model is built, so LoRA's random adapter init follows args.seed (a fresh score
         # head does not depend on it: rm_scale.model.reward.init_score_head has its own generator).
@@ -734,7 +736,6 @@ def _setup_model(model: Any, args: RewardConfig, tokenizer: Any, peft_config: An
                                      chat_template_path=args.chat_template_path)
     base_model(model).config.use_cache = False  # no KV cache in training; some heads reject the kwarg
     if peft_config is not None:
-        _check_peft_config(peft_config)
         if args.activation_checkpointing and args.activation_checkpointing_kwargs is None:
             # PEFT + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (trl#2514): use reentrant.
             # (`gradient_checkpointing*` are transformers' deprecated mirrors of these names.)
