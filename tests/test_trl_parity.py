@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,6 +424,39 @@ def test_trls_command_line_works_without_a_recipe_and_the_model_gets_a_card(tiny
                                     "--model_revision", "v2", "--attn_implementation", "eager"])
     assert recipe["model"] == {"name_or_path": "org/model", "dtype": "float32", "revision": "v2",
                                "attn_implementation": "eager"}  # TRL's ModelConfig flags are used, not dropped
+
+
+def test_trls_own_reward_script_runs_with_the_import_changed(tiny_dir, tmp_path):
+    """trl/scripts/reward.py as installed, its `from trl import RewardConfig / RewardTrainer` changed to rm_scale: TRL's
+    parser, ModelConfig's model_init_kwargs, `--use_peft` (TaskType.CAUSAL_LM by default: trained as SEQ_CLS, where
+    TRL fails), evaluation, save_model and trainer.end() all work."""
+    import json
+    import subprocess
+    import sys
+
+    from launch import ROOT, env
+
+    source = (Path(trl.__file__).parent / "scripts" / "reward.py").read_text()
+    source = source.replace("from trl import RewardTrainer, ", "from rm_scale import RewardTrainer\n    from trl import ")
+    source = source.replace("ModelConfig, RewardConfig, ScriptArguments", "ModelConfig, ScriptArguments")
+    source = source.replace("    from trl import DatasetMixtureConfig", "    from rm_scale import RewardConfig\n    from trl import "
+                            "DatasetMixtureConfig")
+    assert source.count("from rm_scale import") == 2
+    script = tmp_path / "reward.py"
+    script.write_text(source)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in open(ROOT / "rm_scale" / "data" / "demo_data" / "train.jsonl")]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:32]))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), "--model_name_or_path", str(tiny_dir), "--dataset_name",
+                           str(data), "--output_dir", str(out), "--max_steps", "2", "--report_to", "none", "--bf16",
+                           "false", "--eval_strategy", "steps", "--eval_steps", "2", "--use_peft", "--lora_r", "4",
+                           "--no_gradient_checkpointing", "--per_device_train_batch_size", "4"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_config.json").exists() and "'eval_accuracy'" in proc.stdout + proc.stderr
 
 
 def test_row_tools_and_template_kwargs_reach_the_chat_template(tiny_dir, tmp_path):

@@ -15,6 +15,9 @@ from rm_scale.model.reward import SCORE_HEAD_NAMES, base_model
 logger = logging.getLogger(__name__)
 
 
+GENERATION_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")  # peft's TaskType is a str enum: its members equal these
+
+
 def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_token_ids: list[int] = (),
              deepspeed: bool = False) -> nn.Module:
     """``get_peft_model`` with the score head in ``modules_to_save``; the caller's ``peft_config`` is not changed.
@@ -30,6 +33,12 @@ def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_tok
     inner = base_model(model)
     head = next(name for name in SCORE_HEAD_NAMES if isinstance(getattr(inner, name, None), nn.Module))
     peft_config = copy.deepcopy(peft_config)
+    if getattr(peft_config, "task_type", None) in GENERATION_TASKS:
+        # TRL's `--use_peft` alone gives TaskType.CAUSAL_LM (ModelConfig's default), whose PeftModel wraps a generating
+        # model: on a reward model it fails (no prepare_inputs_for_generation), in TRL too.
+        logger.warning("LoRA: task_type %s is for generation; a reward model is trained as SEQ_CLS.",
+                       peft_config.task_type)
+        peft_config.task_type = "SEQ_CLS"
     # The score head must be trained and saved with the adapter (TaskType.SEQ_CLS adds it; other task types don't).
     modules_to_save = list(peft_config.modules_to_save or [])
     if head not in modules_to_save:
