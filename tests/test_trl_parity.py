@@ -437,11 +437,12 @@ def test_trls_own_reward_script_runs_with_the_import_changed(tiny_dir, tmp_path)
     from launch import ROOT, env
 
     source = (Path(trl.__file__).parent / "scripts" / "reward.py").read_text()
-    source = source.replace("from trl import RewardTrainer, ", "from rm_scale import RewardTrainer\n    from trl import ")
+    ours = "    from rm_scale import RewardConfig, RewardTrainer\n"
+    source = source.replace("from trl import RewardTrainer, ", "from trl import ")
     source = source.replace("ModelConfig, RewardConfig, ScriptArguments", "ModelConfig, ScriptArguments")
-    source = source.replace("    from trl import DatasetMixtureConfig", "    from rm_scale import RewardConfig\n    from trl import "
-                            "DatasetMixtureConfig")
-    assert source.count("from rm_scale import") == 2
+    source = source.replace("    from trl import DatasetMixtureConfig", ours + "    from trl import DatasetMixtureConfig")
+    source = source.replace("    from trl import get_dataset", ours + "    from trl import get_dataset")
+    assert source.count("from rm_scale import") == 2 and "RewardTrainer," not in source
     script = tmp_path / "reward.py"
     script.write_text(source)
     data = tmp_path / "data"

@@ -54,8 +54,8 @@ def add_lora(model: nn.Module, peft_config: Any, *, checkpointing: bool, new_tok
         inner.enable_input_require_grads()
     # Without DeepSpeed, adapters in fp32 over a bf16/fp16 model, as TRL (peft's default: their small updates
     # survive). Under DeepSpeed, the model's dtype: ZeRO-3's coalesced all-gather breaks on mixed dtypes (trl#6089,
-    # DeepSpeed#8072) and ZeRO-1/2 fail in the forward (fp32 adapters next to a bf16 score head; measured with 2 CPU ranks);
-    # DeepSpeed's optimizer keeps fp32 master weights of them where bf16 is on.
+    # DeepSpeed#8072) and ZeRO-1/2 fail in the forward (fp32 adapters next to a bf16 score head; measured, 2 CPU
+    # ranks); DeepSpeed's optimizer keeps fp32 master weights of them where bf16 is on.
     return get_peft_model(model, peft_config, autocast_adapter_dtype=not deepspeed)
 
 
