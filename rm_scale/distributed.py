@@ -87,11 +87,12 @@ def leave_together_at_exit(armed: bool = True) -> None:
     up to the group's timeout (``ddp_timeout``) -- also one that failed after train() and whose script then exits
     without raising: call this with ``armed=False`` in such an error path.
 
-    Each call moves the hook to the end of atexit's list, so it runs before the hooks registered until then (the
-    heartbeats keep beating while it waits)."""
-    atexit.unregister(_leave_at_exit)
-    atexit.register(_leave_at_exit)
+    Arming (re-)registers the hook last, so it runs before the hooks registered until then (the heartbeats keep
+    beating while it waits); disarming only sets the flag."""
     _LEAVE_AT_EXIT["armed"] = armed
+    if armed:
+        atexit.unregister(_leave_at_exit)
+        atexit.register(_leave_at_exit)
 
 
 def _leave_at_exit() -> None:

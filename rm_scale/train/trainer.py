@@ -356,8 +356,6 @@ class RewardTrainer(Trainer):
         if self._preemption is not None:
             self._preemption.reset()
             self._preemption.install()
-        if gloo:  # moved after the heartbeats' exit hook, so it runs first: they beat while it waits
-            leave_together_at_exit(armed=False)
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             if gloo:
