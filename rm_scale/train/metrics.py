@@ -221,40 +221,41 @@ class TrainMetrics:
         totals = dict(zip(SUM_KEYS, sums))
         bins = len(HIST_EDGES) + 1
         hist = {"edges": HIST_EDGES, "chosen": sums[len(SUM_KEYS):][:bins], "rejected": sums[-bins:]}
+        # one max-reduction for the window's reward extremes and the peak memory; -inf where a rank had no pair in the
+        # window, so the others' extremes win
+        extremes = self._extremes if self._extremes is not None else torch.full((2,), -float("inf"), device=device)
+        peak = torch.tensor([peak_memory_gb(device)], device=extremes.device, dtype=extremes.dtype)
+        top, neg_low, peak_gb = all_reduce_max(torch.cat([extremes, peak])).tolist()
         logs = pair_metrics(totals, self.center_coef)
-        logs.update(self._trl_names(totals, device))
+        logs.update(self._trl_names(totals, top=top, low=-neg_low))
         if self._terms:
             steps = self._terms.pop("steps")
             logs["loss_exact"] += self._terms.pop("total") / steps
             logs.update({k: v / steps for k, v in self._terms.items()})
-        logs.update(self._throughput(totals, device, world_size=world_size))
+        logs.update(self._throughput(totals, peak_gb=peak_gb, world_size=world_size))
         self._sums, self._extremes, self._balance, self._terms = None, None, None, {}
         return logs, hist
 
-    def _trl_names(self, totals: dict[str, float], device: torch.device) -> dict[str, float]:
-        """TRL's min_reward / mean_reward / max_reward (over chosen and rejected rewards of the window: true extremes
-        and mean, not means of per-batch ones) and num_tokens (the pairs' tokens so far). A collective."""
-        # -inf where a rank had no pair in the window, so the others' extremes win the max
-        extremes = self._extremes if self._extremes is not None else torch.full((2,), -float("inf"), device=device)
-        top, neg_low = all_reduce_max(extremes).tolist()
+    def _trl_names(self, totals: dict[str, float], *, top: float, low: float) -> dict[str, float]:
+        """TRL's min_reward / mean_reward / max_reward (over chosen and rejected rewards of the window, all ranks: true
+        extremes and mean, not means of per-batch ones) and num_tokens (the pairs' tokens so far)."""
         self._tokens_seen += totals["pair_tokens"]
         out = {"num_tokens": self._tokens_seen}
         if totals["pairs"]:
-            out.update({"min_reward": -neg_low, "mean_reward": (totals["chosen"] + totals["rejected"]) /
+            out.update({"min_reward": low, "mean_reward": (totals["chosen"] + totals["rejected"]) /
                         (2 * totals["pairs"]), "max_reward": top})
         return out
 
-    def _throughput(self, totals: dict[str, float], device: torch.device, *, world_size: int) -> dict[str, float]:
+    def _throughput(self, totals: dict[str, float], *, peak_gb: float, world_size: int) -> dict[str, float]:
         """Pairs/s and real tokens/s since the last log, padding efficiency, peak memory over ranks, rank balance."""
         now = time.perf_counter()
         last, self._last_log_time = self._last_log_time, now
-        peak = all_reduce_max(torch.tensor(peak_memory_gb(device), device=device))
         # real tokens: those of the pairs' sequences (what an unshared forward computes unpadded); placed: the row
         # positions that hold a token (fewer with a shared prefix); padded: every position computed.
         out = {"padding_efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1.0),
                "prefix_sharing": totals["pair_tokens"] / max(totals["real_tokens"], 1.0),
                "computed_tokens_per_pair": totals["padded_tokens"] / max(totals["pairs"], 1.0),
-               "peak_memory_gb": peak.item()}
+               "peak_memory_gb": peak_gb}
         if last is not None:
             out["pairs_per_s"] = totals["pairs"] / (now - last)
             out["tokens_per_s"] = totals["pair_tokens"] / (now - last)
