@@ -19,10 +19,10 @@ import yaml
 from rm_scale.config import RewardConfig
 from rm_scale.data.sources import Source, file_kind, parse_sources, resolve_files
 from rm_scale.model.pretrained import smollm2_path
+from rm_scale.model.reward import DTYPES
 
 SECTIONS = ("model", "lora", "data", "train")
 MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code", "revision", "attn_implementation"}
-MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # TRL's (rm_scale.model.reward)
 DATA_KEYS = {"train", "eval", "streaming"}
 LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "use_rslora"}
 # The model shipped with rm_scale (no download); shipped data names live in rm_scale.data.sources.
@@ -210,8 +210,8 @@ def resolve_model(recipe: dict[str, Any]) -> ModelSpec:
         if key in merged and merged[key] != value:
             raise ValueError(f"model.{key}={value!r} but train sets {key}={merged[key]!r}: set it in one place.")
     merged.update({k: v for k, v in model.items() if k != "name_or_path"})
-    if merged.get("dtype", "float32") not in MODEL_DTYPES:
-        raise ValueError(f"model.dtype={merged['dtype']!r}: use one of {list(MODEL_DTYPES)}.")
+    if merged.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype={merged['dtype']!r}: use one of {list(DTYPES)}.")
     return ModelSpec(path=resolve_model_path(model["name_or_path"]), dtype=merged.get("dtype", "float32"),
                      trust_remote_code=bool(merged.get("trust_remote_code", False)), revision=merged.get("revision"),
                      attn_implementation=merged.get("attn_implementation"))

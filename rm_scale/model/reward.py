@@ -153,11 +153,14 @@ def init_score_head(model: nn.Module, *, seed: int = 0) -> None:
                 p.zero_()
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # the strings TRL's model_init_kwargs take
+
+
 def _torch_dtype(dtype: Any) -> Any:
     """A torch dtype, "auto" or None as given; TRL's strings turned into dtypes; anything else TRL's ValueError."""
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in ("bfloat16", "float16", "float32"):
+    if dtype in DTYPES:
         return getattr(torch, dtype)
     raise ValueError("Invalid `dtype` passed to the config. Expected either 'auto' or a string representing a valid "
                      f"`torch.dtype` (e.g., 'float32'), but got {dtype}.")
