@@ -15,7 +15,8 @@ def model_card(*, base_model: str, data: list[str], hyperparameters: dict[str, A
     """The card's Markdown: a YAML header (base model, tags), data, hyper-parameters, final evaluation, usage."""
     tags = list(dict.fromkeys(["reward-model", "rm_scale", *tags]))
     header = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers" if not adapter else
-              "library_name: peft", "pipeline_tag: text-classification", "tags:", *(f"- {json.dumps(t)}" for t in tags), "---"]
+              "library_name: peft", "pipeline_tag: text-classification", "tags:",
+              *(f"- {json.dumps(t)}" for t in tags), "---"]
     lines = [*header, "", f"# {model_name or 'Reward model'}", "",
              f"A pairwise (Bradley-Terry) reward model trained from `{base_model}` "
              "with rm_scale (a ZeRO-3-aware reward trainer with TRL's RewardTrainer API).", ""]

@@ -686,12 +686,13 @@ def _setup_args(args: RewardConfig | None, model: Any) -> RewardConfig:
     args = copy.copy(args)  # the trainer sets a few fields (ignore_data_skip, checkpointing kwargs) on its own copy
     args.accelerator_config = copy.copy(args.accelerator_config)  # and dispatch_batches (an IterableDataset)
     plugin = args.deepspeed_plugin  # DeepSpeed from `deepspeed=` or the accelerate config
-    if plugin is not None and on_gloo(args.ddp_backend, args.world_size):
-        # under ZeRO-3: the gradient reduce in place, not through two full-size copies (see gloo_defaults)
-        gloo_defaults(plugin.deepspeed_config)  # the dict the engine gets: the Trainer copies it on
-    note = scheduler_note(plugin.deepspeed_config, args.lr_scheduler_type) if plugin is not None else None
-    if note and args.process_index == 0:
-        logger.warning(note)
+    if plugin is not None:
+        if on_gloo(args.ddp_backend, args.world_size):
+            # under ZeRO-3: the gradient reduce in place, not through two full-size copies (see gloo_defaults)
+            gloo_defaults(plugin.deepspeed_config)  # the dict the engine gets: the Trainer copies it on
+        note = scheduler_note(plugin.deepspeed_config, args.lr_scheduler_type)
+        if note and args.process_index == 0:
+            logger.warning(note)
     return args
 
 
